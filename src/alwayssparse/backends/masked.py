@@ -1,0 +1,167 @@
+"""The masked backend: a dense tensor theta and two bool masks, applied by one autograd function.
+
+Forward:  alpha = theta * A          (zeros outside the forward set A)
+Backward: dL/dtheta = dL/dalpha * B  (gradient only on the backward set B ⊇ A)
+
+The masks are installed with :mod:`torch.nn.utils.parametrize`, so ``module.weight`` is alpha for
+every layer type, the masks are buffers of the parametrization (saved in ``state_dict`` and moved
+by ``.to()``), and the user's optimizer keeps optimizing the original parameter object.
+
+A zero gradient is not enough to keep theta outside B fixed: weight decay, momentum and Adam's
+running averages all move it. The backend therefore snapshots the values outside B after every
+mask update and, at the next :meth:`MaskedBackend.before_update`, writes them back bit-for-bit
+and zeroes their optimizer state. This works on any device but saves no time or memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from alwayssparse.layout import ParamInfo
+from alwayssparse.methods.base import SparseTensor
+from alwayssparse.optim_state import zero_state
+
+
+class _ApplyMasks(torch.autograd.Function):
+    """alpha = where(A, theta, 0) forward; gradient where(B, g, 0) backward."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, forward_mask: Tensor, grad_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(grad_mask)
+        return torch.where(forward_mask, weight, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (grad_mask,) = ctx.saved_tensors
+        return torch.where(grad_mask, grad, 0.0), None, None
+
+
+class MaskedWeight(nn.Module):
+    """Parametrization holding A (``forward_mask``) and B (``grad_mask``) for one weight.
+
+    ``frozen_values`` (not saved in checkpoints) holds theta outside B as of the last mask update.
+    """
+
+    forward_mask: Tensor
+    grad_mask: Tensor
+    frozen_values: Tensor
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        ones = torch.ones_like(weight, dtype=torch.bool)
+        self.register_buffer("forward_mask", ones)
+        self.register_buffer("grad_mask", ones.clone())
+        self.register_buffer("frozen_values", weight.new_empty(0), persistent=False)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return _ApplyMasks.apply(weight, self.forward_mask, self.grad_mask)
+
+    def snapshot(self, weight: Tensor) -> None:
+        """Remember theta outside B."""
+        self.frozen_values = weight.detach().masked_select(~self.grad_mask)
+
+    def restore(self, weight: Tensor) -> None:
+        """Write back theta outside B as of the last snapshot."""
+        with torch.no_grad():
+            weight.masked_scatter_(~self.grad_mask, self.frozen_values)
+
+
+def _resnapshot_after_load(plist: nn.Module, _incompatible: Any) -> None:
+    # Loading a checkpoint replaces theta and the masks: the old snapshot would undo the load.
+    plist[0].snapshot(plist.original)  # type: ignore[index]
+
+
+@dataclass
+class _Entry:
+    module: nn.Module
+    attr: str
+    plist: nn.Module  # the ParametrizationList: ``original`` (theta) and [0] (MaskedWeight)
+    masked: MaskedWeight
+
+    @property
+    def original(self) -> Tensor:
+        weight = self.plist.original
+        assert isinstance(weight, Tensor)
+        return weight
+
+
+class MaskedBackend:
+    """Dense storage plus masks; every method and layer type, no speed-up."""
+
+    name = "masked"
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def attach(
+        self,
+        model: nn.Module,
+        infos: Sequence[ParamInfo],
+        densities: dict[str, float],
+        backward_densities: dict[str, float],
+    ) -> list[SparseTensor]:
+        """Install a :class:`MaskedWeight` on every sparse parameter of ``model``."""
+        tensors = []
+        for info in infos:
+            if not info.sparse:
+                continue
+            module = model.get_submodule(info.module_name)
+            if parametrize.is_parametrized(module, info.attr):
+                raise ValueError(f"{info.name} is already parametrized; attach sparsity once")
+            weight = getattr(module, info.attr)
+            masked = MaskedWeight(weight)
+            parametrize.register_parametrization(module, info.attr, masked, unsafe=True)
+            plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,union-attr]
+            plist.register_load_state_dict_post_hook(_resnapshot_after_load)
+            entry = _Entry(module, info.attr, plist, masked)
+            self._entries[info.name] = entry
+            tensors.append(
+                SparseTensor(
+                    name=info.name,
+                    weight=entry.original,
+                    density=densities[info.name],
+                    backward_density=backward_densities[info.name],
+                    forward_mask=masked.forward_mask,
+                    grad_mask=masked.grad_mask,
+                )
+            )
+        return tensors
+
+    def refresh_views(self, tensors: Sequence[SparseTensor]) -> None:
+        """Re-point tensor handles at the buffers (``.to()`` replaces buffer objects)."""
+        for t in tensors:
+            entry = self._entries[t.name]
+            t.forward_mask = entry.masked.forward_mask
+            t.grad_mask = entry.masked.grad_mask
+            t.weight = entry.original
+
+    def before_update(
+        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Undo whatever the optimizer step did outside B, values and optimizer state alike."""
+        for t in tensors:
+            masked = self._entries[t.name].masked
+            if masked.frozen_values.numel() != int(torch.count_nonzero(~t.grad_mask)):
+                raise RuntimeError(
+                    f"{t.name}: masks changed outside Sparsity.step; "
+                    "load checkpoints with model.load_state_dict or Sparsity.load_state_dict"
+                )
+            masked.restore(t.weight)
+            zero_state(optimizer, t.weight, ~t.grad_mask)
+
+    def after_update(self, tensors: Sequence[SparseTensor]) -> None:
+        """Snapshot theta outside the (possibly new) B."""
+        for t in tensors:
+            self._entries[t.name].masked.snapshot(t.weight)
+
+    def export(self, model: nn.Module) -> None:
+        """Remove the parametrizations, leaving plain parameters holding alpha = theta * A."""
+        for entry in self._entries.values():
+            parametrize.remove_parametrizations(entry.module, entry.attr, leave_parametrized=True)
+        self._entries.clear()

@@ -1,0 +1,27 @@
+"""Byte-level corpora, batching and bits-per-character evaluation."""
+
+from alwayssparse.data.bytes import (
+    DEFAULT_CORPUS_EXCLUDED_DIRS,
+    ENWIK8_SPLIT,
+    ByteSplits,
+    default_corpus,
+    eval_batches,
+    evaluate_bpc,
+    load_default_corpus,
+    load_enwik8,
+    load_text_files,
+    random_batch,
+)
+
+__all__ = [
+    "DEFAULT_CORPUS_EXCLUDED_DIRS",
+    "ENWIK8_SPLIT",
+    "ByteSplits",
+    "default_corpus",
+    "eval_batches",
+    "evaluate_bpc",
+    "load_default_corpus",
+    "load_enwik8",
+    "load_text_files",
+    "random_batch",
+]

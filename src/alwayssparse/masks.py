@@ -1,0 +1,114 @@
+"""Exact-count mask selection.
+
+Every mask in the library is a ``torch.bool`` tensor chosen by one rule: keep exactly ``k`` entries
+with the largest score. Ties are broken deterministically by flat index (the lower index wins), so
+two processes holding identical scores always hold identical masks. We never use quantile
+thresholds: they break the count whenever scores tie and fail on tensors above ~16M elements.
+
+Selection cost matters because Top-KAST may refresh its masks every step. A full ``torch.topk``
+over millions of entries sorts far more than needed; instead we find the k-th largest value with a
+selection algorithm (``numpy.partition`` on CPU, ``torch.kthvalue`` elsewhere), take every entry
+strictly above it, and fill the remaining slots from the entries equal to it in index order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def count_for_density(numel: int, density: float) -> int:
+    """Number of entries a tensor of ``numel`` elements keeps at ``density`` (at least one)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return max(1, min(numel, round(density * numel)))
+
+
+def _topk_flat_numpy(values: np.ndarray, k: int) -> np.ndarray:
+    """CPU path: introselect for the threshold, then numpy compares (no sort, no bool sum)."""
+    n = values.size
+    kth = np.partition(values, n - k)[n - k]
+    mask = values > kth
+    need = k - int(np.count_nonzero(mask))
+    if need > 0:
+        ties = np.flatnonzero(values == kth)[:need]
+        mask[ties] = True
+        need -= ties.size
+    if need != 0:
+        raise ValueError("scores contain NaN; cannot select a mask")
+    return mask
+
+
+def _topk_flat_torch(flat: Tensor, k: int) -> Tensor:
+    """Device path: ``torch.kthvalue`` for the threshold, same tie rule as the CPU path."""
+    n = flat.numel()
+    kth = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > kth
+    # count_nonzero, not bool .sum(): the latter is ~80x slower on CPU.
+    need = k - int(torch.count_nonzero(mask))
+    if need > 0:
+        ties = torch.nonzero(flat == kth).squeeze(1)[:need]
+        mask[ties] = True
+        need -= ties.numel()
+    if need != 0:
+        # NaN compares false with everything, so entries go missing only when NaNs are present.
+        raise ValueError("scores contain NaN; cannot select a mask")
+    return mask
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of ``scores`` (same shape).
+
+    Ties at the threshold are broken by flat index: the lowest indices are kept. The result has
+    exactly ``k`` true entries.
+
+    Args:
+        scores: Any-shaped floating tensor (e.g. ``weight.abs()``). Must not contain NaN.
+        k: Number of entries to keep, ``0 <= k <= scores.numel()``.
+
+    Raises:
+        ValueError: If ``k`` is out of range or the scores contain NaN.
+    """
+    n = scores.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    flat = scores.detach().reshape(-1)
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k == n:
+        if torch.isnan(flat).any():
+            raise ValueError("scores contain NaN; cannot select a mask")
+        return torch.ones_like(scores, dtype=torch.bool)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        mask = torch.from_numpy(_topk_flat_numpy(flat.numpy(), k))
+    else:
+        mask = _topk_flat_torch(flat.float(), k)
+    return mask.view(scores.shape)
+
+
+def random_mask(shape: torch.Size | Sequence[int], k: int, generator: torch.Generator) -> Tensor:
+    """A mask with exactly ``k`` true entries at positions drawn uniformly by ``generator``."""
+    scores = torch.rand(tuple(shape), generator=generator, device=generator.device)
+    return topk_mask(scores, k)
+
+
+def extend_mask_randomly(base: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """``base`` plus ``k - base.sum()`` further entries drawn uniformly from outside ``base``."""
+    scores = torch.rand(base.shape, generator=generator, device=generator.device)
+    # Random scores lie in [0, 1); 2.0 puts every entry of ``base`` ahead of all others.
+    scores = torch.where(base, torch.full_like(scores, 2.0), scores)
+    return topk_mask(scores, k)
+
+
+def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Top-``k`` over the concatenation of several tensors, returned as one mask per tensor.
+
+    Ties break by position in the concatenation (earlier tensors, then lower indices, win).
+    """
+    flat = torch.cat([s.detach().reshape(-1) for s in scores])
+    mask = topk_mask(flat, k)
+    sizes = [s.numel() for s in scores]
+    return [m.view(s.shape) for m, s in zip(mask.split(sizes), scores, strict=True)]

@@ -1,0 +1,124 @@
+"""The method interface: a small dataclass of options plus a few hooks.
+
+A method decides *which* entries of each sparse tensor are used in the forward pass (set A, the
+forward mask) and which receive gradient (set B, the gradient mask, a superset of A), and how both
+change over training. It never touches the optimizer or the storage: the backend owns the storage,
+:class:`alwayssparse.Sparsity` owns the loop. Each hook receives what it needs explicitly,
+including the training step.
+
+Hooks:
+    validate(sparsity): reject invalid options before training starts.
+    backward_sparsity_for(sparsity): global sparsity of B (Top-KAST: 1 - (D + M); others: S).
+    init_masks(tensors, generator): write the initial A and B into every tensor, in place.
+    update(step, tensors, generator): after optimizer step ``step``, change masks if due; return,
+        per tensor name, the entries that entered B (their optimizer state is reset).
+    regularizer(tensors): an extra loss term, or ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from alwayssparse.masks import count_for_density
+
+
+@dataclass
+class SparseTensor:
+    """One sparse parameter as a method sees it.
+
+    Attributes:
+        name: Full parameter name in the user's model (e.g. ``"blocks.0.mlp.fc.weight"``).
+        weight: The parameter values theta (dense view, for magnitude scores).
+        density: Target forward density D of this tensor (fraction of entries in A).
+        backward_density: Target density of B (>= ``density``).
+        forward_mask: Bool tensor A, same shape as ``weight``; methods write it in place.
+        grad_mask: Bool tensor B, a superset of A; methods write it in place.
+    """
+
+    name: str
+    weight: Tensor
+    density: float
+    backward_density: float
+    forward_mask: Tensor
+    grad_mask: Tensor
+
+    @property
+    def forward_count(self) -> int:
+        """Number of entries A holds at the target density."""
+        return count_for_density(self.weight.numel(), self.density)
+
+    @property
+    def backward_count(self) -> int:
+        """Number of entries B holds at the target backward density."""
+        backward = count_for_density(self.weight.numel(), self.backward_density)
+        return max(self.forward_count, backward)
+
+    def scores(self) -> Tensor:
+        """Magnitude |theta|, the score every magnitude-based selection ranks by."""
+        return self.weight.detach().abs()
+
+
+def set_masks(tensor: SparseTensor, forward: Tensor, grad: Tensor) -> Tensor:
+    """Write new A and B in place; return the entries that entered B."""
+    entered = grad & ~tensor.grad_mask
+    tensor.forward_mask.copy_(forward)
+    tensor.grad_mask.copy_(grad)
+    return entered
+
+
+@dataclass
+class Method:
+    """Base class of sparse-training methods. Subclasses are dataclasses of their options."""
+
+    name: ClassVar[str] = ""
+
+    def validate(self, sparsity: float) -> None:
+        """Raise ``ValueError`` naming the option if the configuration is invalid."""
+
+    def backward_sparsity_for(self, sparsity: float) -> float:
+        """Global sparsity of the gradient set B; equal to the forward sparsity by default."""
+        return sparsity
+
+    def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
+        """Write the initial masks."""
+        raise NotImplementedError
+
+    def update(
+        self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        """Change the masks after optimizer step ``step`` if due (nothing by default)."""
+        return {}
+
+    def regularizer(self, tensors: Sequence[SparseTensor]) -> Tensor | None:
+        """An extra loss term over the sparse tensors, or ``None`` (the default)."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """The method's options as a plain dict (for configs and checkpoints)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered method class called ``name``."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None

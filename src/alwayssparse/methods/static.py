@@ -1,0 +1,27 @@
+"""Static sparsity: a random mask at the layout's densities that never changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alwayssparse.masks import random_mask
+from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+
+
+@register
+@dataclass
+class Static(Method):
+    """Fixed random topology: A = B = a uniformly random subset of exact size, chosen once.
+
+    Reference: the "Static" baseline of Evci et al. (2020) and topkast.md, Figure 2.
+    """
+
+    name = "static"
+
+    def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
+        for t in tensors:
+            mask = random_mask(t.weight.shape, t.forward_count, generator).to(t.weight.device)
+            set_masks(t, mask, mask)

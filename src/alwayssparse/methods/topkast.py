@@ -1,0 +1,165 @@
+"""Top-KAST: Top-K Always Sparse Training.
+
+Reference: Jayakumar, Pascanu, Rae, Osindero, Elsen. "Top-KAST: Top-K Always Sparse Training",
+NeurIPS 2020 (../shared/papers/topkast.md, sections 2.1-2.4, appendix C and D, Table 1).
+
+With theta the dense parameterisation of one tensor and D its forward density (section 2.1-2.2):
+
+    A = TopK(|theta|, D)          forward set: alpha_i = theta_i if i in A else 0
+    B = TopK(|theta|, D + M)      backward set, B ⊇ A: only theta_i, i in B, receive gradient
+    C = the rest                  reservoir: neither used nor updated
+
+Exploration regulariser (section 2.3 and Algorithm 1), an L2 penalty with coefficient lambda:
+
+    R = lambda/2 * ( sum_{i in A} theta_i^2  +  (1/D) * sum_{i in B\\A} theta_i^2 ),   C unpenalised
+
+so its gradient is lambda*theta on A and lambda*theta/D on B\\A (``exploration_norm="l1"`` uses
+|theta_i| instead of theta_i^2/2, the literal case table of section 2.3). Masks are recomputed
+from |theta| every ``refresh_interval`` steps (N = 1 or 100, Table 6), per tensor (the paper's
+choice) or over all sparse tensors at once (``selection="global"``).
+
+Ablations of Table 1: ``random_exploration`` draws B\\A uniformly from outside A instead of by
+magnitude; ``exploration_stop_step`` = t makes B = A from step t on (no more updates to B\\A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alwayssparse.masks import global_topk_masks, topk_mask
+from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+
+SELECTIONS = ("layer", "global")
+EXPLORATION_NORMS = ("l2", "l1")
+
+
+@register
+@dataclass
+class TopKAST(Method):
+    """Top-KAST options.
+
+    Attributes:
+        backward_sparsity: Sparsity of B, i.e. 1 - (D + M). ``None`` means backward density
+            min(1, 2D), the pairing of most of the paper's runs ((90%, 80%), (95%, 90%),
+            (80%, 60%)). Must not exceed the forward sparsity.
+        refresh_interval: N, recompute A and B from |theta| every N optimizer steps.
+        exploration_coefficient: lambda of the exploration regulariser (0 disables it). The
+            paper's ImageNet runs use 1e-4 (topkast.md appendix B).
+        exploration_norm: ``"l2"`` (Algorithm 1, default) or ``"l1"``.
+        random_exploration: Draw B\\A at random outside A (Table 1, "Top-KAST (Random)").
+        exploration_stop_step: From this step on B = A (Table 1, "Top-KAST (t = ...)");
+            ``None`` never stops, 0 never explores.
+        selection: ``"layer"`` top-k per tensor (the paper's choice) or ``"global"``.
+    """
+
+    name = "topkast"
+
+    backward_sparsity: float | None = None
+    refresh_interval: int = 1
+    exploration_coefficient: float = 1e-4
+    exploration_norm: str = "l2"
+    random_exploration: bool = False
+    exploration_stop_step: int | None = None
+    selection: str = "layer"
+
+    def validate(self, sparsity: float) -> None:
+        prefix = "topkast."
+        if self.backward_sparsity is not None:
+            if self.backward_sparsity < 0.0:
+                raise ValueError(
+                    f"{prefix}backward_sparsity must be >= 0 (backward density D + M <= 1), "
+                    f"got {self.backward_sparsity}"
+                )
+            if self.backward_sparsity > sparsity:
+                raise ValueError(
+                    f"{prefix}backward_sparsity ({self.backward_sparsity}) must not exceed the "
+                    f"forward sparsity ({sparsity}): B must contain A"
+                )
+        if self.refresh_interval < 1:
+            raise ValueError(f"{prefix}refresh_interval must be >= 1, got {self.refresh_interval}")
+        if self.exploration_coefficient < 0:
+            raise ValueError(
+                f"{prefix}exploration_coefficient must be >= 0, got {self.exploration_coefficient}"
+            )
+        if self.exploration_norm not in EXPLORATION_NORMS:
+            raise ValueError(
+                f"{prefix}exploration_norm must be one of {list(EXPLORATION_NORMS)}, "
+                f"got {self.exploration_norm!r}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(
+                f"{prefix}selection must be one of {list(SELECTIONS)}, got {self.selection!r}"
+            )
+        if self.exploration_stop_step is not None and self.exploration_stop_step < 0:
+            raise ValueError(
+                f"{prefix}exploration_stop_step must be >= 0 or None, "
+                f"got {self.exploration_stop_step}"
+            )
+
+    def backward_sparsity_for(self, sparsity: float) -> float:
+        """The backward sparsity 1 - (D + M) that applies at forward ``sparsity``."""
+        if self.backward_sparsity is not None:
+            return self.backward_sparsity
+        return 1.0 - min(1.0, 2.0 * (1.0 - sparsity))
+
+    def exploring(self, step: int) -> bool:
+        """Whether B\\A receives updates at optimizer step ``step``."""
+        return self.exploration_stop_step is None or step < self.exploration_stop_step
+
+    def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
+        self._refresh(tensors, generator, explore=self.exploring(0))
+
+    def update(
+        self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        upcoming = step + 1  # masks written now are used by the next optimizer step
+        if upcoming % self.refresh_interval == 0:
+            return self._refresh(tensors, generator, explore=self.exploring(upcoming))
+        if upcoming == self.exploration_stop_step:
+            # Exploration stops between refreshes: drop B\A now, keep A as it is.
+            for t in tensors:
+                set_masks(t, t.forward_mask.clone(), t.forward_mask.clone())
+        return {}
+
+    def regularizer(self, tensors: Sequence[SparseTensor]) -> Tensor | None:
+        if self.exploration_coefficient == 0.0:
+            return None
+        total: Tensor | None = None
+        for t in tensors:
+            magnitude = t.weight.square() if self.exploration_norm == "l2" else t.weight.abs()
+            on_a = (magnitude * t.forward_mask).sum()
+            on_b_only = (magnitude * (t.grad_mask & ~t.forward_mask)).sum() / t.density
+            term = on_a + on_b_only
+            total = term if total is None else total + term
+        assert total is not None
+        scale = self.exploration_coefficient / (2.0 if self.exploration_norm == "l2" else 1.0)
+        return scale * total
+
+    def _select(self, scores: list[Tensor], counts: list[int]) -> list[Tensor]:
+        if self.selection == "global":
+            return global_topk_masks(scores, sum(counts))
+        return [topk_mask(s, k) for s, k in zip(scores, counts, strict=True)]
+
+    def _refresh(
+        self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
+    ) -> dict[str, Tensor]:
+        scores = [t.scores() for t in tensors]
+        forward = self._select(scores, [t.forward_count for t in tensors])
+        if not explore:
+            backward = forward
+        elif self.random_exploration:
+            # Random scores in [0, 1) everywhere, 2.0 on A: top-k keeps A and draws B\A at random.
+            randomised = [
+                torch.where(a, 2.0, torch.rand(a.shape, generator=generator).to(a.device))
+                for a in forward
+            ]
+            backward = self._select(randomised, [t.backward_count for t in tensors])
+        else:
+            backward = self._select(scores, [t.backward_count for t in tensors])
+        return {
+            t.name: set_masks(t, a, b) for t, a, b in zip(tensors, forward, backward, strict=True)
+        }
