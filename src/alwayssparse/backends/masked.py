@@ -117,7 +117,7 @@ class MaskedBackend:
             weight = getattr(module, info.attr)
             masked = MaskedWeight(weight)
             parametrize.register_parametrization(module, info.attr, masked, unsafe=True)
-            plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,union-attr]
+            plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
             plist.register_load_state_dict_post_hook(_resnapshot_after_load)
             entry = _Entry(module, info.attr, plist, masked)
             self._entries[info.name] = entry

@@ -12,8 +12,12 @@ from alwayssparse.data.bytes import (
     load_text_files,
     random_batch,
 )
+from alwayssparse.data.corpus import CORPORA, ByteDataConfig, load_byte_corpus
 
 __all__ = [
+    "CORPORA",
+    "ByteDataConfig",
+    "load_byte_corpus",
     "DEFAULT_CORPUS_EXCLUDED_DIRS",
     "ENWIK8_SPLIT",
     "ByteSplits",

@@ -1,0 +1,7 @@
+"""``python -m alwayssparse``: the same as the ``alwayssparse`` command."""
+
+import sys
+
+from alwayssparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""Command line: ``alwayssparse train|config|presets|methods``.
+
+Each subcommand is a short function that turns arguments into a config and calls the library.
+Configuration changes are dotted ``key=value`` overrides (``model.n_layer=4``,
+``sparsity.topkast.refresh_interval=100``); unknown keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from alwayssparse.config import apply_overrides, to_dict
+from alwayssparse.methods import METHODS
+from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
+
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
+
+
+def _fraction(text: str) -> float:
+    match = _PERCENT.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a sparsity (e.g. 0.9 or 90%)")
+    value = float(match.group(1))
+    return value / 100.0 if match.group(2) else value
+
+
+def parse_sparsity(text: str) -> tuple[float, float | None]:
+    """Read ``"0.9"``, ``"90%"``, ``"0.9/0.8"`` or the paper's ``"(90%, 80%)"`` form.
+
+    Returns:
+        (forward sparsity, backward sparsity or ``None`` when only one value is given).
+    """
+    parts = [p for p in re.split(r"[/,]", text.strip().strip("()")) if p.strip()]
+    if len(parts) == 1:
+        return _fraction(parts[0]), None
+    if len(parts) == 2:
+        return _fraction(parts[0]), _fraction(parts[1])
+    raise ValueError(f"--sparsity takes FORWARD or FORWARD/BACKWARD, got {text!r}")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The run configuration from a preset (or a run directory) plus the options given."""
+    config = load_run_config(args.resume) if args.resume else preset(args.preset)
+    if args.method is not None:
+        config.sparsity.method = args.method
+    if args.sparsity is not None:
+        forward, backward = parse_sparsity(args.sparsity)
+        config.sparsity.sparsity = forward
+        if backward is not None:
+            config.sparsity.topkast.backward_sparsity = backward
+    if args.steps is not None:
+        config.train.steps = args.steps
+    if args.text:
+        config.data.name, config.data.paths = "text", list(args.text)
+    if args.enwik8:
+        config.data.name, config.data.paths = "enwik8", [args.enwik8]
+    apply_overrides(config, args.overrides)
+    config.validate()
+    return config
+
+
+def _default_run_dir(config: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    method = config.sparsity.method
+    tag = method if method == DENSE else f"{method}-s{config.sparsity.sparsity:g}"
+    return Path("runs") / f"{tag}-{stamp}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    run_dir = Path(args.resume or args.out or _default_run_dir(config))
+    print(f"run directory: {run_dir}")
+    train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(to_dict(build_config(args)), indent=2))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for name, make in sorted(PRESETS.items()):
+        print(f"{name:12s} {(make.__doc__ or '').strip()}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(f"{DENSE:10s} ordinary dense training (no sparsity)")
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:10s} {doc}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "..."
+            print(f"{'':10s}   sparsity.{name}.{f.name} = {default}")
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
+    parser.add_argument("--method", help=f"one of {sorted([*METHODS, DENSE])}")
+    parser.add_argument(
+        "--sparsity",
+        help="forward sparsity, or FORWARD/BACKWARD for Top-KAST: "
+        "0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
+    )
+    parser.add_argument("--steps", type=int, help="number of optimizer steps")
+    parser.add_argument("--text", nargs="+", metavar="PATH", help="train on these files/dirs")
+    parser.add_argument("--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``alwayssparse`` command."""
+    parser = argparse.ArgumentParser(
+        prog="alwayssparse", description="Always-sparse training (Top-KAST, static, ...)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a byte-level language model")
+    _add_run_options(p_train)
+    p_train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/...)")
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.set_defaults(func=cmd_train)
+    p_config = sub.add_parser("config", help="print the resolved configuration")
+    _add_run_options(p_config)
+    p_config.set_defaults(func=cmd_config)
+    sub.add_parser("presets", help="list presets").set_defaults(func=cmd_presets)
+    sub.add_parser("methods", help="list methods and options").set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; configuration errors print one clear line and exit with status 2."""
+    args = make_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"alwayssparse: error: {error}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_config", "main", "make_parser", "parse_sparsity"]

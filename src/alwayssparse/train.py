@@ -1,0 +1,452 @@
+"""Training a byte-level language model, dense or sparse, with a run directory.
+
+The loop in :func:`train` reads top to bottom: data, model, sparsity, optimizer, then steps. The
+three sparsity lines are marked. A run directory holds:
+
+    config.json     the resolved configuration
+    layout.txt      which parameters are sparse or dense, and why
+    metrics.jsonl   one JSON object per logged training step or evaluation
+    checkpoint.pt   model (with masks), optimizer, sparsity and RNG state; resumes the run
+    summary.json    final validation/test bits per character, densities, parameter counts
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm import tqdm
+
+from alwayssparse.config import from_dict, to_dict
+from alwayssparse.data import ByteDataConfig, ByteSplits, evaluate_bpc, load_byte_corpus
+from alwayssparse.data.bytes import random_batch
+from alwayssparse.methods import METHODS
+from alwayssparse.models import TransformerLM, TransformerLMConfig, lm_loss
+from alwayssparse.sparsity import Sparsity, SparsityConfig
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+DENSE = "dense"  # the method name of an ordinary dense run (no Sparsity object)
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Attributes:
+        name: ``"adamw"``, ``"adam"`` or ``"sgd"`` (with momentum).
+        lr: Peak learning rate.
+        weight_decay: Decoupled (AdamW) or L2 (Adam, SGD) decay on matrices only (not on
+            biases, norms); Top-KAST's own penalty is ``sparsity.topkast.exploration_coefficient``.
+        beta1: Adam beta1, or SGD momentum.
+        beta2: Adam beta2.
+        eps: Adam epsilon.
+        warmup_steps: Linear warm-up from 0 to ``lr``.
+        schedule: ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step, or ``"constant"``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine).
+        grad_clip: Clip the global gradient norm to this (0 disables).
+    """
+
+    name: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field if the configuration is invalid."""
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {list(OPTIMIZERS)}, got {self.name!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"optim.schedule must be one of {list(LR_SCHEDULES)}, got {self.schedule!r}"
+            )
+        for key in ("lr", "eps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"optim.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoopConfig:
+    """Length, batching, evaluation and bookkeeping of a run.
+
+    Attributes:
+        steps: Optimizer steps.
+        batch_size: Sequences per step (each ``model.context`` bytes).
+        eval_interval: Validate every this many steps (and at the end).
+        eval_batches: Validation batches per evaluation during training.
+        final_eval_batches: Batches for the final validation and test BPC (0: whole split).
+        log_interval: Write a metrics line every this many steps.
+        checkpoint_interval: Save a checkpoint every this many steps (and at the end).
+        seed: Seeds the model init, the batches and the sparsity method's generator.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        threads: CPU threads for PyTorch (0 leaves PyTorch's default).
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    eval_interval: int = 250
+    eval_batches: int = 20
+    final_eval_batches: int = 100
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field if the configuration is invalid."""
+        for key in ("steps", "batch_size", "eval_interval", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_batches", "final_eval_batches", "checkpoint_interval", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data, optimizer, loop, and sparsity (``sparsity.method="dense"``
+    trains the ordinary dense model)."""
+
+    model: TransformerLMConfig = field(default_factory=TransformerLMConfig)
+    data: ByteDataConfig = field(default_factory=ByteDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+
+    def validate(self) -> None:
+        """Check every section before anything is built; errors name the field."""
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        if self.sparsity.method != DENSE:
+            if self.sparsity.method not in METHODS:
+                choices = sorted([*METHODS, DENSE])
+                raise ValueError(
+                    f"sparsity.method must be one of {choices}, got {self.sparsity.method!r}"
+                )
+            self.sparsity.validate()
+
+
+# -- presets: code, not files ------------------------------------------------------------------
+
+
+def _quickstart() -> RunConfig:
+    """Top-KAST (90% forward, 80% backward sparsity) on the standard-library corpus; ~2 min."""
+    config = RunConfig()
+    config.model = TransformerLMConfig(n_layer=2, n_head=4, d_model=128, d_ff=512, context=128)
+    config.sparsity.method = "topkast"
+    config.sparsity.sparsity = 0.9
+    config.sparsity.topkast.backward_sparsity = 0.8
+    return config
+
+
+def _tiny() -> RunConfig:
+    """A seconds-long run for smoke tests."""
+    config = _quickstart()
+    config.model = TransformerLMConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, context=32)
+    config.data.max_bytes = 200_000
+    config.train = LoopConfig(
+        steps=30, batch_size=8, eval_interval=15, eval_batches=4, final_eval_batches=8,
+        log_interval=5, checkpoint_interval=15,
+    )  # fmt: skip
+    config.optim.warmup_steps = 5
+    return config
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {"quickstart": _quickstart, "tiny": _tiny}
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh copy of the named preset's configuration."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer over all parameters, with weight decay on matrices only (as in GPT-2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)
+    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def learning_rate(step: int, total: int, config: OptimConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def density_report(sparsity: Sparsity | None) -> dict[str, float]:
+    """Forward and backward density actually used over the sparse tensors (1.0 when dense)."""
+    if sparsity is None:
+        return {"forward_density": 1.0, "backward_density": 1.0}
+    counts = sparsity.parameter_counts()
+    sparse = counts["sparse"]
+    return {
+        "forward_density": (counts["forward"] - counts["dense"]) / sparse,
+        "backward_density": (counts["backward"] - counts["dense"]) / sparse,
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved configuration saved in a run directory."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a run directory")
+    return from_dict(RunConfig, json.loads(path.read_text()))
+
+
+@torch.no_grad()
+def _bpc(model: TransformerLM, data: torch.Tensor, config: RunConfig, batches: int) -> float:
+    model.eval()
+    # Cache alpha = theta * A once per evaluation instead of once per forward call.
+    with parametrize.cached():
+        bpc = evaluate_bpc(
+            model,
+            data,
+            config.train.batch_size,
+            config.model.context,
+            max_batches=batches or None,
+            device=next(model.parameters()).device,
+        )
+    model.train()
+    return bpc
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; return the final summary.
+
+    Args:
+        config: The run configuration (validated before anything is built).
+        run_dir: Output directory. Created if missing; with ``resume`` it must hold a checkpoint.
+        resume: Continue from ``run_dir/checkpoint.pt``.
+        progress: Show a progress bar.
+        log: Where human-readable lines go.
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"cannot resume: {checkpoint_path} does not exist")
+    if not resume and checkpoint_path.exists():
+        raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.train.seed)
+
+    # Data and model.
+    splits: ByteSplits = load_byte_corpus(config.data)
+    log(f"data: {config.data.name}: {splits.describe()}")
+    model = TransformerLM(config.model).to(device)
+
+    # Sparsity line 1 of 3: make the model sparse (the layout table says what and why).
+    sparsity = None
+    if config.sparsity.method != DENSE:
+        sparsity = Sparsity(model, config.sparsity, seed=config.train.seed)
+        layout = sparsity.summary()
+        (run_dir / "layout.txt").write_text(layout + "\n")
+        log(layout)
+    optimizer = build_optimizer(model, config.optim)
+    batch_generator = torch.Generator().manual_seed(config.train.seed)
+
+    start = 0
+    if resume:
+        start = _load_checkpoint(checkpoint_path, model, optimizer, sparsity, batch_generator)
+        log(f"resumed from {checkpoint_path} at step {start}")
+    _write_json(to_dict(config), run_dir / "config.json")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    def save(step: int) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sparsity": sparsity.state_dict() if sparsity is not None else None,
+            "batch_generator": batch_generator.get_state(),
+            "config": to_dict(config),
+        }
+        _atomic_save(state, checkpoint_path)
+
+    steps = config.train.steps
+    tokens_per_step = config.train.batch_size * config.model.context
+    bar = tqdm(range(start, steps), disable=not progress, initial=start, total=steps)
+    started = time.perf_counter()
+    last_time, last_step = started, start
+    model.train()
+    for step in bar:
+        lr = learning_rate(step, steps, config.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = random_batch(splits.train, config.train.batch_size, config.model.context,
+                            batch_generator)  # fmt: skip
+        x, y = x.to(device), y.to(device)
+        loss = lm_loss(model(x), y)
+        # Sparsity line 2 of 3: the method's regulariser (Top-KAST's exploration loss).
+        regularizer = sparsity.regularizer() if sparsity is not None else torch.zeros(())
+        total_loss = loss + regularizer
+        total_loss.backward()
+        if config.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Sparsity line 3 of 3: refresh masks, keep entries outside B untouched.
+        if sparsity is not None:
+            sparsity.step(step, optimizer)
+
+        done = step + 1
+        if done % config.train.log_interval == 0 or done == steps:
+            now = time.perf_counter()
+            throughput = (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+            last_time, last_step = now, done
+            record = {
+                "kind": "train", "step": done, "loss": loss.item(),
+                "bpc": loss.item() / math.log(2), "regularizer": regularizer.detach().item(),
+                "lr": lr, "tokens_per_second": throughput, **density_report(sparsity),
+            }  # fmt: skip
+            metrics.write(record)
+            bar.set_postfix(bpc=f"{record['bpc']:.3f}", tok_s=f"{throughput:,.0f}")
+        if done % config.train.eval_interval == 0 and done != steps:
+            valid = _bpc(model, splits.valid, config, config.train.eval_batches)
+            metrics.write({"kind": "eval", "step": done, "valid_bpc": valid})
+            log(f"step {done}: valid bpc {valid:.4f}")
+        if config.train.checkpoint_interval and done % config.train.checkpoint_interval == 0:
+            save(done)
+    bar.close()
+    wall = time.perf_counter() - started
+
+    save(steps)
+    final = config.train.final_eval_batches
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "method": config.sparsity.method,
+        "valid_bpc": _bpc(model, splits.valid, config, final),
+        "test_bpc": _bpc(model, splits.test, config, final),
+        "train_seconds": wall,
+        **density_report(sparsity),
+        "parameters": sparsity.parameter_counts() if sparsity is not None else {
+            "total": model.num_parameters(),
+        },
+    }  # fmt: skip
+    metrics.write({"kind": "final", **summary})
+    _write_json(summary, run_dir / "summary.json")
+    log(format_summary(summary))
+    return summary
+
+
+def _load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsity: Sparsity | None,
+    batch_generator: torch.Generator,
+) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if sparsity is not None:
+        sparsity.load_state_dict(state["sparsity"])
+    batch_generator.set_state(state["batch_generator"])
+    return int(state["step"])
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable closing lines of a run."""
+    params = summary["parameters"]
+    lines = [
+        f"method {summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f} s",
+        f"  valid bpc {summary['valid_bpc']:.4f}   test bpc {summary['test_bpc']:.4f}",
+        f"  density used: forward {summary['forward_density']:.4f}, "
+        f"backward {summary['backward_density']:.4f} (over sparse tensors)",
+    ]
+    if "forward" in params:
+        lines.append(
+            f"  parameters: {params['total']:,} total ({params['dense']:,} dense), "
+            f"{params['forward']:,} used forward, {params['backward']:,} receive gradient"
+        )
+    else:
+        lines.append(f"  parameters: {params['total']:,} (dense model)")
+    return "\n".join(lines)

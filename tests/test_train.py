@@ -1,0 +1,173 @@
+"""The training command and loop: a real short run, resume, validation errors, the README."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from alwayssparse.cli import build_config, main, make_parser, parse_sparsity
+from alwayssparse.train import RunConfig, learning_rate, load_run_config, preset, train
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _tiny(tmp_path: Path, **overrides: object) -> RunConfig:
+    """The tiny preset on a small corpus written by the test (fast, no stdlib scan)."""
+    corpus = tmp_path / "corpus.txt"
+    text = "the quick brown fox jumps over the lazy dog. " * 400
+    corpus.write_text(text)
+    config = preset("tiny")
+    config.data.name, config.data.paths = "text", [str(corpus)]
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        setattr(getattr(config, section), field, value)
+    return config
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_short_topkast_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> None:
+    config = _tiny(tmp_path, train__steps=60)
+    summary = train(config, tmp_path / "run", progress=False, log=_quiet)
+    run = tmp_path / "run"
+    for name in ("config.json", "layout.txt", "metrics.jsonl", "checkpoint.pt", "summary.json"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < losses[0] - 1.0  # from ~ln(256)=5.5 nats down on a repetitive corpus
+    assert summary["valid_bpc"] < 6.0
+    assert summary["forward_density"] == pytest.approx(0.1, abs=1e-3)
+    assert summary["backward_density"] == pytest.approx(0.2, abs=1e-3)
+    assert any(r["kind"] == "eval" for r in records)
+    assert json.loads((run / "summary.json").read_text())["test_bpc"] == summary["test_bpc"]
+    assert load_run_config(run) == config
+
+
+def test_dense_and_static_runs(tmp_path: Path) -> None:
+    dense = train(_tiny(tmp_path, sparsity__method="dense"), tmp_path / "d", progress=False,
+                  log=_quiet)  # fmt: skip
+    assert dense["forward_density"] == 1.0
+    static = train(_tiny(tmp_path, sparsity__method="static"), tmp_path / "s", progress=False,
+                   log=_quiet)  # fmt: skip
+    assert static["forward_density"] == static["backward_density"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_resume_continues_bit_identically(tmp_path: Path) -> None:
+    # A constant schedule, so that a 10-step run is the first half of the 20-step run.
+    config = _tiny(tmp_path, train__steps=20, train__checkpoint_interval=10,
+                   optim__schedule="constant")  # fmt: skip
+    config.sparsity.topkast.random_exploration = True  # the sparsity generator matters
+    full = train(config, tmp_path / "full", progress=False, log=_quiet)
+
+    half = _tiny(tmp_path, train__steps=10, train__checkpoint_interval=10,
+                 optim__schedule="constant")  # fmt: skip
+    half.sparsity.topkast.random_exploration = True
+    train(half, tmp_path / "part", progress=False, log=_quiet)
+    resumed_config = load_run_config(tmp_path / "part")
+    resumed_config.train.steps = 20
+    resumed = train(resumed_config, tmp_path / "part", resume=True, progress=False, log=_quiet)
+
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["valid_bpc"] == full["valid_bpc"]
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    config = _tiny(tmp_path, train__steps=5)
+    train(config, tmp_path / "run", progress=False, log=_quiet)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError):
+        train(config, tmp_path / "run", progress=False, log=_quiet)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sparsity.sparsity=1.0"], "sparsity must be in [0, 1)"),
+        (["sparsity.sparsity=-0.5"], "sparsity must be in [0, 1)"),
+        (["sparsity.topkast.backward_sparsity=-0.2"], "backward density D + M <= 1"),
+        (["sparsity.topkast.backward_sparsity=0.95"], "must not exceed the forward sparsity"),
+        (["sparsity.topkast.refresh_interval=0"], "refresh_interval must be >= 1"),
+        (["sparsity.method=bogus"], "sparsity.method must be one of"),
+        (["sparsity.bogus=1"], "unknown config key 'sparsity.bogus'"),
+        (["optim.name=lion"], "optim.name must be one of"),
+        (["train.steps=0"], "train.steps must be >= 1"),
+        (["model.d_model=33"], "n_head"),
+        (["data.name=enwik8"], "data.paths is required"),
+    ],
+)
+def test_invalid_config_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], message: str
+) -> None:
+    code = main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_sparsity_pair_forms() -> None:
+    assert parse_sparsity("0.9") == (0.9, None)
+    assert parse_sparsity("90%") == (0.9, None)
+    assert parse_sparsity("0.9/0.8") == (0.9, 0.8)
+    assert parse_sparsity("(80%, 60%)") == (0.8, 0.6)
+    with pytest.raises(ValueError, match="sparsity"):
+        parse_sparsity("a/b")
+    args = make_parser().parse_args(["train", "--sparsity", "(95%, 90%)", "--method", "topkast"])
+    config = build_config(args)
+    assert config.sparsity.sparsity == pytest.approx(0.95)
+    assert config.sparsity.topkast.backward_sparsity == pytest.approx(0.9)
+
+
+def test_cli_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh " * 2000)
+    run = tmp_path / "run"
+    code = main(["train", "--preset", "tiny", "--text", str(corpus), "--out", str(run),
+                 "--no-progress", "--steps", "10", "--method", "static"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "valid bpc" in out and "sparse" in out
+    assert json.loads((run / "config.json").read_text())["sparsity"]["method"] == "static"
+    assert main(["config", "--preset", "tiny", "model.n_layer=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["n_layer"] == 3
+    assert main(["methods"]) == 0 and "topkast" in capsys.readouterr().out
+    assert main(["presets"]) == 0 and "quickstart" in capsys.readouterr().out
+
+
+def test_learning_rate_schedule() -> None:
+    config = preset("quickstart").optim
+    assert learning_rate(0, 1000, config) == pytest.approx(config.lr / config.warmup_steps)
+    assert learning_rate(config.warmup_steps, 1000, config) == pytest.approx(config.lr)
+    assert learning_rate(1000, 1000, config) == pytest.approx(config.lr * config.min_lr_ratio)
+
+
+def _readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_example_runs_and_trains() -> None:
+    (example,) = _readme_blocks("python")
+    namespace: dict[str, object] = {}
+    torch.manual_seed(0)
+    exec(compile(example, "README example", "exec"), namespace)
+    sparsity = namespace["sparsity"]
+    densities = sparsity.densities()  # type: ignore[attr-defined]
+    assert all(fwd == pytest.approx(0.1, abs=2e-3) for fwd, _ in densities.values())
+    assert all(bwd == pytest.approx(0.2, abs=2e-3) for _, bwd in densities.values())
+    assert namespace["loss"].item() < 2.0  # type: ignore[attr-defined]  # ln(10) = 2.30 at chance
+
+
+def test_readme_setup_commands() -> None:
+    setup = _readme_blocks("bash")[0].strip().splitlines()
+    assert len(setup) == 2
+    assert setup[0].startswith('pip install "torch==2.13.0"') and "alwayssparse train" in setup[0]
+    assert "pytest" in setup[1]
