@@ -72,6 +72,13 @@ def test_dense_first_last() -> None:
     assert _classes(infos) == expected
 
 
+def test_patterns_win_over_dense_first_last() -> None:
+    config = LayoutConfig(dense_first_last=True, sparse_patterns=["fc2.weight"])
+    classes = _classes(classify(Zoo(), config))
+    assert classes["fc2.weight"] == (True, "sparse_patterns")
+    assert classes["conv.weight"] == (False, "first/last layer")
+
+
 def test_sparse_embeddings() -> None:
     infos = classify(Zoo(), LayoutConfig(sparse_embeddings=True))
     expected = dict(ZOO_DEFAULT)

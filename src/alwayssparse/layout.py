@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 DISTRIBUTIONS = ("uniform", "erk")
 
@@ -47,7 +48,8 @@ class LayoutConfig:
     Attributes:
         distribution: ``"uniform"`` (every sparse tensor at the same density) or ``"erk"``.
         dense_first_last: Keep the first and the last sparse-eligible layer dense (the usual
-            ResNet-50 setting of both papers' baselines, topkast.md appendix B).
+            ResNet-50 setting of both papers' baselines, topkast.md appendix B). The patterns
+            below are applied after it and win.
         sparse_embeddings: Make embedding tables sparse too (dense by default).
         dense_patterns: ``fnmatch`` patterns on full parameter names forced dense. Each must match
             at least one parameter.
@@ -140,11 +142,13 @@ def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
         ValueError: On an unmatched pattern, a tied sparse weight, or a model with nothing sparse.
     """
     config.validate()
+    _check_not_parametrized(model)
     owners = _owners(model)
     named = list(model.named_parameters())
     names = [n for n, _ in named]
     _check_patterns(config.dense_patterns, names, "dense_patterns")
     _check_patterns(config.sparse_patterns, names, "sparse_patterns")
+    ends = _first_last(named, owners) if config.dense_first_last else set()
     infos: list[ParamInfo] = []
     for name, param in named:
         holders = owners[id(param)]
@@ -155,6 +159,8 @@ def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
             sparse, reason = False, "embedding"
         if reason == "embedding" and config.sparse_embeddings:
             sparse, reason = True, "embedding (sparse_embeddings)"
+        if name in ends:
+            sparse, reason = False, "first/last layer"
         if any(fnmatch.fnmatch(name, p) for p in config.dense_patterns):
             sparse, reason = False, "dense_patterns"
         if any(fnmatch.fnmatch(name, p) for p in config.sparse_patterns):
@@ -166,23 +172,33 @@ def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
                 "Add it to layout.dense_patterns."
             )
         infos.append(ParamInfo(name, module_name, attr, tuple(param.shape), sparse, reason))
-    if config.dense_first_last:
-        infos = _make_first_last_dense(infos)
     _check_complete(model, infos)
     if not any(i.sparse for i in infos):
         raise ValueError("the layout makes no parameter sparse; nothing to train sparsely")
     return infos
 
 
-def _make_first_last_dense(infos: list[ParamInfo]) -> list[ParamInfo]:
-    candidates = [i for i, p in enumerate(infos) if p.sparse]
-    ends = {candidates[0], candidates[-1]} if candidates else set()
-    return [
-        ParamInfo(p.name, p.module_name, p.attr, p.shape, False, "first/last layer")
-        if i in ends
-        else p
-        for i, p in enumerate(infos)
+def _first_last(
+    named: Sequence[tuple[str, nn.Parameter]],
+    owners: dict[int, list[tuple[str, nn.Module, str]]],
+) -> set[str]:
+    """Names of the first and last parameters that are sparse by default (Linear/Conv weights)."""
+    eligible = [
+        name
+        for name, param in named
+        if all(_default_class(m, a)[0] for _, m, a in owners[id(param)])
     ]
+    return {eligible[0], eligible[-1]} if eligible else set()
+
+
+def _check_not_parametrized(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise ValueError(
+                f"module {name or type(module).__name__!r} is already parametrized "
+                "(an earlier Sparsity, weight_norm, ...); alwayssparse needs plain parameters. "
+                "Attach sparsity once, to a model without parametrizations."
+            )
 
 
 def _check_complete(model: nn.Module, infos: Sequence[ParamInfo]) -> None:

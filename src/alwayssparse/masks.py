@@ -76,12 +76,10 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, {n}], got {k}")
     flat = scores.detach().reshape(-1)
-    if k == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k == n:
+    if k in (0, n):
         if torch.isnan(flat).any():
             raise ValueError("scores contain NaN; cannot select a mask")
-        return torch.ones_like(scores, dtype=torch.bool)
+        return torch.full_like(scores, k == n, dtype=torch.bool)
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
         mask = torch.from_numpy(_topk_flat_numpy(flat.numpy(), k))
     else:

@@ -156,7 +156,7 @@ class Sparsity:
         Restores every entry outside the gradient set B to its value before the optimizer step
         (weight decay and momentum would otherwise move it) and zeroes its optimizer state, then
         lets the method update the masks for step ``step + 1``, resetting the optimizer state of
-        entries that entered B.
+        entries that entered or left B.
         """
         check_optimizer(optimizer)
         self._backend.refresh_views(self.tensors)
@@ -165,7 +165,7 @@ class Sparsity:
         for t in self.tensors:
             if t.name in entered:
                 zero_state(optimizer, t.weight, entered[t.name])
-        self._backend.after_update(self.tensors)
+        self._backend.after_update(self.tensors, optimizer)
 
     # -- inspection -------------------------------------------------------------------------
 

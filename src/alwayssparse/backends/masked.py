@@ -155,10 +155,15 @@ class MaskedBackend:
             masked.restore(t.weight)
             zero_state(optimizer, t.weight, ~t.grad_mask)
 
-    def after_update(self, tensors: Sequence[SparseTensor]) -> None:
-        """Snapshot theta outside the (possibly new) B."""
+    def after_update(
+        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Snapshot theta outside the (possibly new) B; zero the optimizer state of entries
+        that just left B, so that no stale history is kept (or checkpointed) outside B."""
         for t in tensors:
             self._entries[t.name].masked.snapshot(t.weight)
+            if optimizer is not None:
+                zero_state(optimizer, t.weight, ~t.grad_mask)
 
     def export(self, model: nn.Module) -> None:
         """Remove the parametrizations, leaving plain parameters holding alpha = theta * A."""
