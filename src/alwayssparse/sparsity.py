@@ -164,8 +164,9 @@ class Sparsity:
         entered = self.method.update(step, self.tensors, self.generator)
         for t in self.tensors:
             if t.name in entered:
-                zero_state(optimizer, t.weight, entered[t.name])
-        self._backend.after_update(self.tensors, optimizer)
+                # Entries that left B keep no stale history; entries that entered start afresh.
+                zero_state(optimizer, t.weight, ~t.grad_mask | entered[t.name])
+        self._backend.after_update(self.tensors)
 
     # -- inspection -------------------------------------------------------------------------
 
