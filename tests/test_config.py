@@ -12,10 +12,24 @@ from alwayssparse.layout import LayoutConfig
 from alwayssparse.methods import TopKAST
 from alwayssparse.sparsity import SparsityConfig
 
+SCHEDULE_KEYS = [
+    "update_interval",
+    "num_updates",
+    "start_step",
+    "stop_step",
+    "stop_fraction",
+    "drop_fraction",
+    "drop_schedule",
+    "regrow_std",
+]
 ALL_KEYS = [
     "method",
     "sparsity",
     "backend",
+    "block_size",
+    "block_norm",
+    "group_lasso",
+    "group_lasso_std",
     "layout.distribution",
     "layout.dense_first_last",
     "layout.sparse_embeddings",
@@ -28,6 +42,15 @@ ALL_KEYS = [
     "topkast.random_exploration",
     "topkast.exploration_stop_step",
     "topkast.selection",
+    *[f"set.{k}" for k in SCHEDULE_KEYS],
+    *[f"rigl.{k}" for k in SCHEDULE_KEYS],
+    "rigl.gradient_chunk_elements",
+    *[f"dynsparse.{k}" for k in SCHEDULE_KEYS],
+    "dynsparse.init_std",
+    *[
+        f"gmp.{k}"
+        for k in ["initial_sparsity", "update_interval", "start_step", "stop_step", "stop_fraction"]
+    ],
 ]
 
 

@@ -143,9 +143,13 @@ def test_load_state_dict_with_different_config_raises() -> None:
 
 
 def test_state_dict_contents() -> None:
-    _, sp, _ = make_run(seed=3)
+    model, sp, opt = make_run(seed=3)
+    train(model, sp, opt, range(5))
     state = sp.state_dict()
-    assert set(state) == {"config", "generator"}
+    assert set(state) == {"config", "generator", "ever_active", "upcoming_step"}
+    assert state["upcoming_step"] == 5
+    for name, (a, _) in sp.masks().items():
+        assert bool((state["ever_active"][name] | ~a).all())  # A is always explored
     assert state["config"]["method"] == "topkast"
     assert state["config"]["topkast"]["random_exploration"] is True
     assert torch.equal(state["generator"], sp.generator.get_state())

@@ -13,6 +13,7 @@ strictly above it, and fill the remaining slots from the entries equal to it in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -110,3 +111,66 @@ def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     mask = topk_mask(flat, k)
     sizes = [s.numel() for s in scores]
     return [m.view(s.shape) for m, s in zip(mask.split(sizes), scores, strict=True)]
+
+
+BLOCK_NORMS = ("l1", "l2", "linf")
+
+
+def matrix_view(tensor: Tensor) -> Tensor:
+    """The 2-D (rows, everything else) view used for block structure: (out, in * kh * kw)."""
+    return tensor.reshape(tensor.shape[0], -1) if tensor.dim() != 2 else tensor
+
+
+def check_block_shape(shape: Sequence[int], block: int, name: str) -> None:
+    """Raise ``ValueError`` unless a tensor of ``shape`` tiles exactly into ``block`` squares."""
+    if block == 1:
+        return
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if len(shape) < 2 or rows % block or cols % block:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)} (as a matrix {rows} x {cols}), which does not tile "
+            f"into {block}x{block} blocks; choose another block_size or keep it dense with "
+            "layout.dense_patterns"
+        )
+
+
+def block_norms(values: Tensor, block: int, norm: str) -> Tensor:
+    """Importance of each ``block`` x ``block`` tile of ``values`` (dynsparse-bert.md eq. 1).
+
+    ``L^p(B) = (sum_ij |B_ij|^p)^(1/p)`` for p = 1 (``"l1"``), 2 (``"l2"``), inf (``"linf"``,
+    the largest magnitude). With ``block == 1`` every norm is ``|values|`` (same shape).
+
+    Returns:
+        A (rows / block, cols / block) tensor for the matrix view of ``values``.
+    """
+    if norm not in BLOCK_NORMS:
+        raise ValueError(f"block norm must be one of {list(BLOCK_NORMS)}, got {norm!r}")
+    magnitude = values.detach().abs()
+    if block == 1:
+        return magnitude
+    matrix = matrix_view(magnitude)
+    rows, cols = matrix.shape
+    tiles = matrix.reshape(rows // block, block, cols // block, block)
+    if norm == "l1":
+        return tiles.sum(dim=(1, 3))
+    if norm == "l2":
+        return tiles.square().sum(dim=(1, 3)).sqrt()
+    return tiles.amax(dim=(1, 3))
+
+
+def expand_blocks(block_mask: Tensor, block: int, shape: Sequence[int]) -> Tensor:
+    """Element mask of ``shape`` in which each true block of ``block_mask`` is a true tile."""
+    if block == 1:
+        return block_mask.reshape(tuple(shape))
+    full = block_mask.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+    return full.reshape(tuple(shape))
+
+
+def collapse_blocks(mask: Tensor, block: int) -> Tensor:
+    """Block mask of a block-aligned element mask (a tile is true if any entry is)."""
+    if block == 1:
+        return mask
+    matrix = matrix_view(mask)
+    rows, cols = matrix.shape
+    return matrix.reshape(rows // block, block, cols // block, block).any(dim=3).any(dim=1)

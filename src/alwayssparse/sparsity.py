@@ -24,9 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from alwayssparse.backends import BACKENDS, make_backend
+from alwayssparse.capture import GradientCapture
 from alwayssparse.layout import LayoutConfig, classify, layer_densities, summary_table
-from alwayssparse.methods import METHODS, Method, Static, TopKAST
+from alwayssparse.masks import BLOCK_NORMS, check_block_shape
+from alwayssparse.methods import GMP, METHODS, SET, DynSparse, Method, RigL, Static, TopKAST
 from alwayssparse.optim_state import check_optimizer, zero_state
+from alwayssparse.regularizers import apply_group_lasso
 
 
 @dataclass
@@ -34,20 +37,36 @@ class SparsityConfig:
     """Everything that defines a sparse-training setup.
 
     Attributes:
-        method: Registered method name (``"static"``, ``"topkast"``).
-        sparsity: Forward sparsity S = 1 - D over the sparse tensors, in [0, 1).
+        method: Registered method name: ``static``, ``topkast``, ``set``, ``rigl``,
+            ``dynsparse`` or ``gmp``.
+        sparsity: Forward sparsity S = 1 - D over the sparse tensors, in [0, 1) (for ``gmp``
+            the final sparsity).
         backend: Storage backend (``"masked"``).
+        block_size: Edge b of the square b x b blocks kept or dropped together (1: unstructured;
+            the BERT paper uses 4, 8, 16). Sparse tensors must tile exactly.
+        block_norm: Block importance for magnitude selection: ``"l1"``, ``"l2"``, ``"linf"``
+            (dynsparse-bert.md eq. 1; all equal |theta| for 1x1).
+        group_lasso: lambda_group of the decoupled group-lasso update (dynsparse-bert.md eq. 2),
+            0 disables it. Works with every method; groups are the b x b blocks.
+        group_lasso_std: w_std of eq. 2 (the initialisation std, 0.02 in the paper).
         layout: Which parameters are sparse and how density is spread.
-        static: Options of the ``static`` method.
-        topkast: Options of the ``topkast`` method.
+        static, topkast, set, rigl, dynsparse, gmp: Options of each method.
     """
 
     method: str = "topkast"
     sparsity: float = 0.9
     backend: str = "masked"
+    block_size: int = 1
+    block_norm: str = "l1"
+    group_lasso: float = 0.0
+    group_lasso_std: float = 0.02
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     static: Static = field(default_factory=Static)
     topkast: TopKAST = field(default_factory=TopKAST)
+    set: SET = field(default_factory=SET)
+    rigl: RigL = field(default_factory=RigL)
+    dynsparse: DynSparse = field(default_factory=DynSparse)
+    gmp: GMP = field(default_factory=GMP)
 
     def method_options(self) -> Method:
         """The options object of the selected method."""
@@ -68,6 +87,17 @@ class SparsityConfig:
             raise ValueError(f"sparsity must be in [0, 1) (density in (0, 1]), got {self.sparsity}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_norm not in BLOCK_NORMS:
+            raise ValueError(
+                f"block_norm must be one of {list(BLOCK_NORMS)}, got {self.block_norm!r}"
+            )
+        if self.group_lasso < 0 or self.group_lasso_std <= 0:
+            raise ValueError(
+                "group_lasso must be >= 0 and group_lasso_std > 0, "
+                f"got {self.group_lasso} and {self.group_lasso_std}"
+            )
         self.layout.validate()
         self.method_options().validate(self.sparsity)
 
@@ -105,8 +135,10 @@ class Sparsity:
             optimizer from ``model.parameters()`` before or after, the parameter objects are kept.
         config: A :class:`SparsityConfig` (copied); defaults to Top-KAST at sparsity 0.9.
         seed: Seed of the generator behind every random choice of the method.
+        total_steps: Length of the run in optimizer steps; needed by methods with schedules
+            (set, rigl, dynsparse, gmp) unless their stop step and interval are given.
         **options: Shorthands overriding ``config``: ``method``, ``sparsity`` or ``density``,
-            ``backend``, any layout field, and any option of the selected method.
+            ``backend``, ``block_size``..., any layout field, and any option of the method.
     """
 
     def __init__(
@@ -115,6 +147,7 @@ class Sparsity:
         config: SparsityConfig | None = None,
         *,
         seed: int = 0,
+        total_steps: int | None = None,
         **options: Any,
     ) -> None:
         config = copy.deepcopy(config) if config is not None else SparsityConfig()
@@ -123,6 +156,10 @@ class Sparsity:
         self.config = config
         self.method = config.method_options()
         self.infos = classify(model, config.layout)
+        for info in self.infos:
+            if info.sparse:
+                check_block_shape(info.shape, config.block_size, info.name)
+        self.method.setup(total_steps, config.block_size)
         density = 1.0 - config.sparsity
         backward_density = 1.0 - self.method.backward_sparsity_for(config.sparsity)
         distribution = config.layout.distribution
@@ -136,9 +173,19 @@ class Sparsity:
         self.tensors = self._backend.attach(
             model, self.infos, self.target_densities, self.target_backward_densities
         )
+        for t in self.tensors:
+            t.block, t.block_norm = config.block_size, config.block_norm
         self._model = model
+        self._capture: GradientCapture | None = None
+        if isinstance(self.method, RigL):
+            modules = {t.name: t.module for t in self.tensors if t.module is not None}
+            self._capture = GradientCapture(modules)
+            self.method.attach_capture(self._capture)
         self.method.init_masks(self.tensors, self.generator)
         self._backend.after_update(self.tensors)
+        # Positions ever in A: the explored degrees of freedom (dynsparse-bert.md Fig. 5/11).
+        self.ever_active = {t.name: t.forward_mask.clone() for t in self.tensors}
+        self._prepare(0)
 
     # -- the training loop ----------------------------------------------------------------
 
@@ -161,12 +208,35 @@ class Sparsity:
         check_optimizer(optimizer)
         self._backend.refresh_views(self.tensors)
         self._backend.before_update(self.tensors, optimizer)
+        if self.config.group_lasso > 0:
+            self._group_lasso(optimizer)
         entered = self.method.update(step, self.tensors, self.generator)
         for t in self.tensors:
             if t.name in entered:
                 # Entries that left B keep no stale history; entries that entered start afresh.
                 zero_state(optimizer, t.weight, ~t.grad_mask | entered[t.name])
+                self.ever_active[t.name] |= t.forward_mask
         self._backend.after_update(self.tensors)
+        self._prepare(step + 1)
+
+    def _prepare(self, upcoming: int) -> None:
+        """Get ready for optimizer step ``upcoming`` (capture its gradient if the method asks)."""
+        self._upcoming = upcoming
+        if self._capture is not None:
+            self._capture.clear()
+            self._capture.active = self.method.needs_dense_gradient(upcoming)
+
+    def _group_lasso(self, optimizer: torch.optim.Optimizer) -> None:
+        learning_rates = {
+            id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]
+        }
+        for t in self.tensors:
+            apply_group_lasso(
+                t,
+                learning_rate=learning_rates.get(id(t.weight), 0.0),
+                coefficient=self.config.group_lasso,
+                weight_std=self.config.group_lasso_std,
+            )
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -178,6 +248,13 @@ class Sparsity:
     def densities(self) -> dict[str, tuple[float, float]]:
         """Per sparse parameter, the (forward, backward) density the masks hold right now."""
         return {name: (_fraction(a), _fraction(b)) for name, (a, b) in self.masks().items()}
+
+    def explored_dof(self) -> dict[str, float]:
+        """Fraction of each sparse tensor's positions ever in A, and ``"total"`` over all."""
+        result = {name: _fraction(mask) for name, mask in self.ever_active.items()}
+        ever = sum(int(torch.count_nonzero(m)) for m in self.ever_active.values())
+        result["total"] = ever / sum(m.numel() for m in self.ever_active.values())
+        return result
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts: total, dense, sparse, and those used forward and backward."""
@@ -206,6 +283,8 @@ class Sparsity:
         return {
             "config": dataclasses.asdict(self.config),
             "generator": self.generator.get_state(),
+            "ever_active": {name: m.clone() for name, m in self.ever_active.items()},
+            "upcoming_step": self._upcoming,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -216,11 +295,16 @@ class Sparsity:
             diff = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"checkpoint sparsity config differs in {diff}")
         self.generator.set_state(state["generator"])
+        for name, mask in state["ever_active"].items():
+            self.ever_active[name].copy_(mask)
         self._backend.refresh_views(self.tensors)
         self._backend.after_update(self.tensors)
+        self._prepare(int(state["upcoming_step"]))
 
     def export(self) -> None:
         """Remove the sparsity machinery, leaving plain weights equal to theta * A."""
+        if self._capture is not None:
+            self._capture.remove()
         self._backend.export(self._model)
 
 

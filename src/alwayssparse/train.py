@@ -31,6 +31,7 @@ from alwayssparse.data import ByteDataConfig, ByteSplits, evaluate_bpc, load_byt
 from alwayssparse.data.bytes import random_batch
 from alwayssparse.methods import METHODS
 from alwayssparse.models import TransformerLM, TransformerLMConfig, lm_loss
+from alwayssparse.schedules import sparse_learning_rate
 from alwayssparse.sparsity import Sparsity, SparsityConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -55,6 +56,8 @@ class OptimConfig:
         schedule: ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step, or ``"constant"``.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine).
         grad_clip: Clip the global gradient norm to this (0 disables).
+        sparsity_lr_scaling: Multiply ``lr`` by exp(1.969 s^2 + 0.2905 s) for sparsity s, the
+            BERT paper's rule for the learning rate of sparse models (dynsparse-bert.md eq. 3).
     """
 
     name: str = "adamw"
@@ -67,6 +70,7 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    sparsity_lr_scaling: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field if the configuration is invalid."""
@@ -210,26 +214,37 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     return cls(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
 
 
-def learning_rate(step: int, total: int, config: OptimConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+def base_learning_rate(config: RunConfig) -> float:
+    """The peak learning rate: ``optim.lr``, scaled by eq. 3 of the BERT paper if asked."""
+    if not config.optim.sparsity_lr_scaling or config.sparsity.method == DENSE:
+        return config.optim.lr
+    return sparse_learning_rate(config.optim.lr, config.sparsity.sparsity)
+
+
+def learning_rate(step: int, total: int, config: OptimConfig, peak: float | None = None) -> float:
+    """Linear warm-up over ``warmup_steps`` to ``peak`` (default ``config.lr``), then cosine
+    decay to ``min_lr_ratio * peak``."""
+    peak = config.lr if peak is None else peak
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return peak * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
-        return config.lr
+        return peak
     progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+    return peak * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
 def density_report(sparsity: Sparsity | None) -> dict[str, float]:
-    """Forward and backward density actually used over the sparse tensors (1.0 when dense)."""
+    """Forward and backward density actually used over the sparse tensors, and the explored
+    degrees of freedom (fraction of sparse positions ever active); all 1.0 when dense."""
     if sparsity is None:
-        return {"forward_density": 1.0, "backward_density": 1.0}
+        return {"forward_density": 1.0, "backward_density": 1.0, "explored_dof": 1.0}
     counts = sparsity.parameter_counts()
     sparse = counts["sparse"]
     return {
         "forward_density": (counts["forward"] - counts["dense"]) / sparse,
         "backward_density": (counts["backward"] - counts["dense"]) / sparse,
+        "explored_dof": sparsity.explored_dof()["total"],
     }
 
 
@@ -313,6 +328,7 @@ def train(
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    peak_lr = base_learning_rate(config)
     torch.manual_seed(config.train.seed)
 
     # Data and model.
@@ -323,7 +339,9 @@ def train(
     # Sparsity line 1 of 3: make the model sparse (the layout table says what and why).
     sparsity = None
     if config.sparsity.method != DENSE:
-        sparsity = Sparsity(model, config.sparsity, seed=config.train.seed)
+        sparsity = Sparsity(
+            model, config.sparsity, seed=config.train.seed, total_steps=config.train.steps
+        )
         layout = sparsity.summary()
         (run_dir / "layout.txt").write_text(layout + "\n")
         log(layout)
@@ -356,7 +374,7 @@ def train(
     last_time, last_step = started, start
     model.train()
     for step in bar:
-        lr = learning_rate(step, steps, config.optim)
+        lr = learning_rate(step, steps, config.optim, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = random_batch(splits.train, config.train.batch_size, config.model.context,
@@ -440,7 +458,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"method {summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f} s",
         f"  valid bpc {summary['valid_bpc']:.4f}   test bpc {summary['test_bpc']:.4f}",
         f"  density used: forward {summary['forward_density']:.4f}, "
-        f"backward {summary['backward_density']:.4f} (over sparse tensors)",
+        f"backward {summary['backward_density']:.4f} (over sparse tensors); "
+        f"explored {summary['explored_dof']:.4f} of sparse positions",
     ]
     if "forward" in params:
         lines.append(

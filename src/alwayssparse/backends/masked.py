@@ -135,6 +135,7 @@ class MaskedBackend:
                     backward_density=backward_densities[info.name],
                     forward_mask=masked.forward_mask,
                     grad_mask=masked.grad_mask,
+                    module=module,
                 )
             )
         return tensors

@@ -8,6 +8,8 @@ including the training step.
 
 Hooks:
     validate(sparsity): reject invalid options before training starts.
+    setup(total_steps, block): resolve schedules once the run length is known.
+    needs_dense_gradient(step): RigL asks for the inputs and output gradients of its layers.
     backward_sparsity_for(sparsity): global sparsity of B (Top-KAST: 1 - (D + M); others: S).
     init_masks(tensors, generator): write the initial A and B into every tensor, in place.
     update(step, tensors, generator): after optimizer step ``step``, change masks if due; return,
@@ -22,14 +24,24 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from alwayssparse.masks import count_for_density
+from alwayssparse.masks import (
+    block_norms,
+    collapse_blocks,
+    count_for_density,
+    expand_blocks,
+    matrix_view,
+)
 
 
 @dataclass
 class SparseTensor:
     """One sparse parameter as a method sees it.
+
+    Selection happens on the *block grid*: with ``block == 1`` that is the tensor itself; with
+    ``block == b`` it is the (rows / b, cols / b) grid of b x b tiles of the tensor's matrix view
+    (out, in * kh * kw). Counts are in blocks; masks are stored per element.
 
     Attributes:
         name: Full parameter name in the user's model (e.g. ``"blocks.0.mlp.fc.weight"``).
@@ -38,6 +50,9 @@ class SparseTensor:
         backward_density: Target density of B (>= ``density``).
         forward_mask: Bool tensor A, same shape as ``weight``; methods write it in place.
         grad_mask: Bool tensor B, a superset of A; methods write it in place.
+        block: Block edge length (1 = unstructured).
+        block_norm: Block importance: ``"l1"``, ``"l2"`` or ``"linf"`` (dynsparse-bert eq. 1).
+        module: The module that owns the weight (for methods that need its inputs).
     """
 
     name: str
@@ -46,21 +61,45 @@ class SparseTensor:
     backward_density: float
     forward_mask: Tensor
     grad_mask: Tensor
+    block: int = 1
+    block_norm: str = "l1"
+    module: nn.Module | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of selectable units (entries, or b x b tiles)."""
+        return self.weight.numel() // (self.block * self.block)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of the block grid."""
+        if self.block == 1:
+            return tuple(self.weight.shape)
+        rows, cols = matrix_view(self.weight).shape
+        return (rows // self.block, cols // self.block)
 
     @property
     def forward_count(self) -> int:
-        """Number of entries A holds at the target density."""
-        return count_for_density(self.weight.numel(), self.density)
+        """Number of blocks A holds at the target density."""
+        return count_for_density(self.num_blocks, self.density)
 
     @property
     def backward_count(self) -> int:
-        """Number of entries B holds at the target backward density."""
-        backward = count_for_density(self.weight.numel(), self.backward_density)
+        """Number of blocks B holds at the target backward density."""
+        backward = count_for_density(self.num_blocks, self.backward_density)
         return max(self.forward_count, backward)
 
-    def scores(self) -> Tensor:
-        """Magnitude |theta|, the score every magnitude-based selection ranks by."""
-        return self.weight.detach().abs()
+    def scores(self, values: Tensor | None = None) -> Tensor:
+        """Block importance of ``values`` (default theta): the magnitude score on the grid."""
+        return block_norms(self.weight if values is None else values, self.block, self.block_norm)
+
+    def expand(self, block_mask: Tensor) -> Tensor:
+        """Element mask (weight's shape) of a block-grid mask."""
+        return expand_blocks(block_mask, self.block, self.weight.shape)
+
+    def collapse(self, mask: Tensor) -> Tensor:
+        """Block-grid mask of an element mask."""
+        return collapse_blocks(mask, self.block)
 
 
 def set_masks(tensor: SparseTensor, forward: Tensor, grad: Tensor) -> Tensor:
@@ -79,6 +118,13 @@ class Method:
 
     def validate(self, sparsity: float) -> None:
         """Raise ``ValueError`` naming the option if the configuration is invalid."""
+
+    def setup(self, total_steps: int | None, block: int) -> None:
+        """Resolve step-dependent options (schedules) once the run length is known."""
+
+    def needs_dense_gradient(self, step: int) -> bool:
+        """Whether the update after optimizer step ``step`` ranks by the dense gradient."""
+        return False
 
     def backward_sparsity_for(self, sparsity: float) -> float:
         """Global sparsity of the gradient set B; equal to the forward sparsity by default."""

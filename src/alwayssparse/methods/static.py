@@ -14,7 +14,8 @@ from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
 @register
 @dataclass
 class Static(Method):
-    """Fixed random topology: A = B = a uniformly random subset of exact size, chosen once.
+    """Fixed random topology: A = B = a uniformly random subset of exact size, chosen once
+    (of entries, or of b x b blocks with ``block_size`` b).
 
     Reference: the "Static" baseline of Evci et al. (2020) and topkast.md, Figure 2.
     """
@@ -23,5 +24,6 @@ class Static(Method):
 
     def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
         for t in tensors:
-            mask = random_mask(t.weight.shape, t.forward_count, generator).to(t.weight.device)
+            blocks = random_mask(t.block_shape, t.forward_count, generator)
+            mask = t.expand(blocks.to(t.weight.device))
             set_masks(t, mask, mask)

@@ -158,7 +158,7 @@ class TopKAST(Method):
     def _refresh(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
     ) -> dict[str, Tensor]:
-        scores = [t.scores() for t in tensors]
+        scores = [t.scores() for t in tensors]  # |theta|, or block norms with blocks
         forward = self._select(scores, [t.forward_count for t in tensors])
         if not explore:
             backward = forward
@@ -172,7 +172,8 @@ class TopKAST(Method):
         else:
             backward = self._select(scores, [t.backward_count for t in tensors])
         return {
-            t.name: set_masks(t, a, b) for t, a, b in zip(tensors, forward, backward, strict=True)
+            t.name: set_masks(t, t.expand(a), t.expand(b))
+            for t, a, b in zip(tensors, forward, backward, strict=True)
         }
 
 

@@ -1,0 +1,129 @@
+"""Dense weight gradients, one chunk of rows at a time, without ever holding the whole gradient.
+
+RigL grows connections where the dense gradient dL/dW is largest, but a sparse model should never
+hold a dense gradient (topkast.md appendix C). For a Linear layer y = x W^T the gradient is
+dL/dW = g^T x with g = dL/dy, so rows r0:r1 of it are g[:, r0:r1]^T x: computing them needs only
+the layer's input x and output gradient g, which a forward hook keeps for the one step on which
+the method asks (``Method.needs_dense_gradient``). Conv layers use
+``torch.nn.grad.convNd_weight`` on a slice of output channels in the same way.
+
+Under ``torch.distributed``, each chunk is summed over ranks before it is scored, so every rank
+ranks the same (global-batch) gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import grad as nn_grad
+
+_CONV_WEIGHT_GRAD: dict[type[nn.Module], Callable[..., Tensor]] = {
+    nn.Conv1d: nn_grad.conv1d_weight,
+    nn.Conv2d: nn_grad.conv2d_weight,
+    nn.Conv3d: nn_grad.conv3d_weight,
+}
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+class GradientCapture:
+    """Keeps the inputs and output gradients of some layers during steps marked ``active``.
+
+    Args:
+        modules: Layer per sparse parameter name; each must be Linear or Conv1d/2d/3d
+            (with ``groups == 1``).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.active = False
+        self._records: dict[str, list[list[Tensor]]] = {name: [] for name in modules}
+        self._modules = modules
+        self._handles = []
+        for name, module in modules.items():
+            _check_supported(name, module)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if not (self.active and module.training and output.requires_grad):
+                return
+            record = [inputs[0].detach()]
+            self._records[name].append(record)
+
+            def keep_gradient(grad: Tensor) -> None:
+                record.append(grad.detach())
+
+            output.register_hook(keep_gradient)
+
+        return hook
+
+    def has_gradient(self, name: str) -> bool:
+        """Whether a complete (input, output gradient) pair was captured for ``name``."""
+        records = self._records[name]
+        return bool(records) and all(len(r) == 2 for r in records)
+
+    def row_chunks(self, name: str, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(first_row, rows)``: consecutive rows of dL/dW as a (rows, cols) matrix."""
+        if not self.has_gradient(name):
+            raise RuntimeError(
+                f"no dense-gradient data was captured for {name}: call sparsity.step(step, ...) "
+                "once per training step, with consecutive steps, after loss.backward()"
+            )
+        module = self._modules[name]
+        out_features = _weight(module).shape[0]
+        for start in range(0, out_features, rows_per_chunk):
+            stop = min(start + rows_per_chunk, out_features)
+            chunk = sum(
+                (_weight_grad_rows(module, x, g, start, stop) for x, g in self._records[name]),
+                start=torch.zeros(()),
+            )
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(chunk)
+            yield start, chunk.reshape(stop - start, -1)
+
+    def clear(self) -> None:
+        """Drop everything captured (frees the kept activations)."""
+        for records in self._records.values():
+            records.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        return
+    if type(module) in _CONV_WEIGHT_GRAD and getattr(module, "groups", 1) == 1:
+        return
+    raise ValueError(
+        f"{name}: dense-gradient methods (rigl) support nn.Linear and nn.Conv1d/2d/3d with "
+        f"groups=1, not {type(module).__name__}; keep it dense with layout.dense_patterns"
+    )
+
+
+def _weight_grad_rows(module: nn.Module, x: Tensor, g: Tensor, start: int, stop: int) -> Tensor:
+    """Rows start:stop of dL/dW for one (input, output-gradient) pair."""
+    if isinstance(module, nn.Linear):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        g2 = g.reshape(-1, g.shape[-1])[:, start:stop]  # [N, rows]
+        return g2.transpose(0, 1) @ x2  # [rows, in]
+    conv_grad = _CONV_WEIGHT_GRAD[type(module)]
+    shape = (stop - start, *_weight(module).shape[1:])
+    padding = module.padding
+    if isinstance(padding, str):
+        raise ValueError(f"string padding {padding!r} is not supported by the dense-gradient path")
+    return conv_grad(
+        x, shape, g[:, start:stop], stride=module.stride, padding=padding,
+        dilation=module.dilation, groups=1,
+    )  # fmt: skip

@@ -1,0 +1,78 @@
+"""RigL: magnitude prune, regrow where the dense gradient is largest.
+
+Reference: Evci, Gale, Menick, Castro, Elsen. "Rigging the Lottery: Making All Tickets Winners",
+ICML 2020. Defaults: Delta T = 100, alpha = 0.3 with cosine decay, T_end = 0.75 T.
+
+Grow scores are |dL/dW| (block L^p norm with blocks) at the inactive positions, from the batch of
+the update step. Following topkast.md appendix C, the dense gradient is never held whole: its
+rows are computed chunk by chunk (:mod:`alwayssparse.capture`), each chunk is scored, and only a
+running top-k of (score, index) pairs survives from one chunk to the next. Memory: one chunk of
+``gradient_chunk_elements`` floats plus 2k candidates, instead of the full gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from alwayssparse.capture import GradientCapture
+from alwayssparse.masks import block_norms, matrix_view, topk_mask
+from alwayssparse.methods.base import SparseTensor, register
+from alwayssparse.methods.prune_regrow import PruneRegrow
+
+
+@register
+@dataclass
+class RigL(PruneRegrow):
+    """RigL options (those of SET plus the gradient chunk size).
+
+    Attributes:
+        gradient_chunk_elements: Upper bound on the gradient elements computed at once.
+    """
+
+    name = "rigl"
+    uses_dense_gradient: ClassVar[bool] = True
+
+    gradient_chunk_elements: int = 1 << 20
+
+    def validate(self, sparsity: float) -> None:
+        super().validate(sparsity)
+        if self.gradient_chunk_elements < 1:
+            raise ValueError(
+                f"rigl.gradient_chunk_elements must be >= 1, got {self.gradient_chunk_elements}"
+            )
+
+    def attach_capture(self, capture: GradientCapture) -> None:
+        """Where the layers' inputs and output gradients are kept (set by ``Sparsity``)."""
+        self.capture = capture
+
+    def needs_dense_gradient(self, step: int) -> bool:
+        return self.schedule.is_update(step + 1)
+
+    def select_grown(
+        self, t: SparseTensor, candidates: Tensor, count: int, generator: torch.Generator
+    ) -> Tensor:
+        cols = matrix_view(t.weight).shape[1]
+        grid_cols = cols // t.block
+        rows_per_chunk = max(1, self.gradient_chunk_elements // cols // t.block) * t.block
+        flat_candidates = candidates.reshape(-1)
+        best_scores = torch.empty(0, device=candidates.device)
+        best_index = torch.empty(0, dtype=torch.long, device=candidates.device)
+        for first_row, grad_rows in self.capture.row_chunks(t.name, rows_per_chunk):
+            scores = block_norms(grad_rows, t.block, t.block_norm).reshape(-1)
+            offset = (first_row // t.block) * grid_cols
+            usable = flat_candidates[offset : offset + scores.numel()]
+            scores = torch.where(usable, scores, float("-inf"))
+            local = topk_mask(scores, min(count, scores.numel()))
+            # Indices grow from chunk to chunk, so concatenation keeps index order and the
+            # exact-count top-k breaks ties by lower index, as everywhere else.
+            merged_scores = torch.cat([best_scores, scores[local]])
+            merged_index = torch.cat([best_index, local.nonzero().squeeze(1) + offset])
+            keep = topk_mask(merged_scores, min(count, merged_scores.numel()))
+            best_scores, best_index = merged_scores[keep], merged_index[keep]
+        grown = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
+        grown[best_index] = True
+        return grown.view(candidates.shape)
