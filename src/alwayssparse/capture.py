@@ -28,10 +28,16 @@ _CONV_WEIGHT_GRAD: dict[type[nn.Module], Callable[..., Tensor]] = {
 }
 
 
-def _weight(module: nn.Module) -> Tensor:
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight
+def _conv_weight_grad(module: nn.Module) -> Callable[..., Tensor] | None:
+    # isinstance, not type(): parametrize turns a Conv2d into a generated subclass.
+    return next((fn for cls, fn in _CONV_WEIGHT_GRAD.items() if isinstance(module, cls)), None)
+
+
+def _out_features(module: nn.Module) -> int:
+    # Never read ``module.weight``: on a parametrized layer that builds the dense masked weight.
+    size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    assert isinstance(size, int)
+    return size
 
 
 class GradientCapture:
@@ -78,7 +84,7 @@ class GradientCapture:
                 "once per training step, with consecutive steps, after loss.backward()"
             )
         module = self._modules[name]
-        out_features = _weight(module).shape[0]
+        out_features = _out_features(module)
         for start in range(0, out_features, rows_per_chunk):
             stop = min(start + rows_per_chunk, out_features)
             chunk = sum(
@@ -104,7 +110,7 @@ class GradientCapture:
 def _check_supported(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         return
-    if type(module) in _CONV_WEIGHT_GRAD and getattr(module, "groups", 1) == 1:
+    if _conv_weight_grad(module) is not None and getattr(module, "groups", 1) == 1:
         return
     raise ValueError(
         f"{name}: dense-gradient methods (rigl) support nn.Linear and nn.Conv1d/2d/3d with "
@@ -118,8 +124,11 @@ def _weight_grad_rows(module: nn.Module, x: Tensor, g: Tensor, start: int, stop:
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         g2 = g.reshape(-1, g.shape[-1])[:, start:stop]  # [N, rows]
         return g2.transpose(0, 1) @ x2  # [rows, in]
-    conv_grad = _CONV_WEIGHT_GRAD[type(module)]
-    shape = (stop - start, *_weight(module).shape[1:])
+    conv_grad = _conv_weight_grad(module)
+    assert conv_grad is not None
+    kernel_size = module.kernel_size
+    assert isinstance(kernel_size, tuple)
+    shape = (stop - start, module.in_channels, *kernel_size)
     padding = module.padding
     if isinstance(padding, str):
         raise ValueError(f"string padding {padding!r} is not supported by the dense-gradient path")

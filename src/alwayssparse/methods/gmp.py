@@ -29,7 +29,7 @@ from alwayssparse.schedules import cubic_sparsity
 @register
 @dataclass
 class GMP(Method):
-    """Gradual magnitude pruning options.
+    """Gradual magnitude pruning (Zhu & Gupta): dense to sparse on a cubic schedule.
 
     Attributes:
         initial_sparsity: s_i, the sparsity before pruning starts (0: dense).

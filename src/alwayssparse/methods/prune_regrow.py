@@ -50,7 +50,8 @@ class PruneRegrow(Method):
     """Options shared by SET, RigL and DynSparse (not registered itself).
 
     Attributes:
-        update_interval: Delta T, steps between updates. Give this or ``num_updates``.
+        update_interval: Delta T, steps between updates. Give this or ``num_updates``; with
+            neither, the method's default applies (100 for SET and RigL).
         num_updates: n, spread the updates evenly: interval = total_steps // n.
         start_step: No updates before this step.
         stop_step: No updates from this step on; ``None`` means ``stop_fraction`` of the run.
@@ -61,8 +62,9 @@ class PruneRegrow(Method):
     """
 
     uses_dense_gradient: ClassVar[bool] = False
+    default_update_interval: ClassVar[int] = 100
 
-    update_interval: int | None = 100
+    update_interval: int | None = None
     num_updates: int | None = None
     start_step: int = 0
     stop_step: int | None = None
@@ -113,8 +115,7 @@ class PruneRegrow(Method):
             assert total_steps is not None
             interval = max(1, total_steps // num_updates)
         else:
-            assert self.update_interval is not None
-            interval = self.update_interval
+            interval = self.update_interval or self.default_update_interval
         stop = self.stop_step
         if stop is None:
             assert total_steps is not None
@@ -203,7 +204,6 @@ class DynSparse(PruneRegrow):
 
     name = "dynsparse"
 
-    update_interval: int | None = None
     stop_fraction: float = 1.0
     drop_fraction: float = 0.5
     init_std: float | None = None

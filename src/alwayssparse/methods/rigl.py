@@ -27,7 +27,9 @@ from alwayssparse.methods.prune_regrow import PruneRegrow
 @register
 @dataclass
 class RigL(PruneRegrow):
-    """RigL options (those of SET plus the gradient chunk size).
+    """RigL: magnitude prune, regrow where the dense gradient is largest.
+
+    Options: those of SET plus the gradient chunk size.
 
     Attributes:
         gradient_chunk_elements: Upper bound on the gradient elements computed at once.

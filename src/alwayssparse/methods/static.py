@@ -14,8 +14,9 @@ from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
 @register
 @dataclass
 class Static(Method):
-    """Fixed random topology: A = B = a uniformly random subset of exact size, chosen once
-    (of entries, or of b x b blocks with ``block_size`` b).
+    """Static sparsity: a fixed random topology (A = B), chosen once.
+
+    The mask is a uniformly random subset of exact size, of entries or of b x b blocks.
 
     Reference: the "Static" baseline of Evci et al. (2020) and topkast.md, Figure 2.
     """

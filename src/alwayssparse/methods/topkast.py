@@ -41,7 +41,7 @@ EXPLORATION_NORMS = ("l2", "l1")
 @register
 @dataclass
 class TopKAST(Method):
-    """Top-KAST options.
+    """Top-KAST: forward with the top-D weights, gradients to the top-(D+M), exploration loss.
 
     Attributes:
         backward_sparsity: Sparsity of B, i.e. 1 - (D + M). ``None`` means backward density
