@@ -1,0 +1,382 @@
+"""Fast CPU kernels for a truly sparse Linear layer ``y = x @ W^T``.
+
+Only the active entries of ``W`` (``out x in``, float32) are stored, either unstructured in CSR
+over the rows (output features) of ``W`` or as square ``b x b`` blocks (``b`` in 4, 8, 16) in BSR
+over block rows.  For a training step the layer needs three products, all provided here:
+
+===========================  ===========================================================
+forward                      ``y  (N, out) = x @ W^T``           :func:`csr_matmul`
+input gradient               ``gx (N, in)  = grad_y @ W``        :func:`csr_matmul_t`
+weight gradient (SDDMM)      ``gv[k] = (grad_y^T @ x)[row(k), col(k)]`` :func:`csr_sampled_grad`
+===========================  ===========================================================
+
+(and the ``bsr_*`` counterparts).  No function ever materialises a dense weight or weight
+gradient.  Results do not depend on the backend beyond float32 rounding (~1e-6 relative).
+
+Backends (see :func:`available_backend`): a C++ extension compiled just in time on first use
+(needs ``ninja`` and a C++17 compiler; cached per user), or a pure-PyTorch fallback selected with
+``ALWAYSSPARSE_KERNELS=torch`` or automatically, with a one-time warning, when the build fails.
+The C++ kernels run on torch's intra-op thread pool (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alwayssparse.kernels import _build
+from alwayssparse.kernels import _torch_ref as _ref
+
+__all__ = [
+    "available_backend",
+    "bsr_matmul",
+    "bsr_matmul_t",
+    "bsr_sampled_grad",
+    "bsr_to_dense",
+    "bsr_transpose",
+    "csr_matmul",
+    "csr_matmul_t",
+    "csr_sampled_grad",
+    "csr_to_dense",
+    "csr_transpose",
+    "dense_to_bsr",
+    "dense_to_csr",
+]
+
+BLOCK_SIZES = (4, 8, 16)
+
+
+def _ext():
+    return _build.get_module()
+
+
+def available_backend() -> str:
+    """``"cpp"`` when the compiled kernels are in use, else ``"torch"`` (builds on first call)."""
+    return "cpp" if _ext() is not None else "torch"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _tensor(t, name: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a strided (dense) tensor, got {t.layout}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    return t.detach().contiguous()
+
+
+def _check_compressed(ptr, idx, n_rows: int, n_cols: int, ptr_name: str, idx_name: str):
+    ptr = _tensor(ptr, ptr_name, torch.int64, 1)
+    idx = _tensor(idx, idx_name, torch.int64, 1)
+    if ptr.numel() != n_rows + 1:
+        raise ValueError(f"{ptr_name} must have {n_rows + 1} entries, got {ptr.numel()}")
+    nnz = idx.numel()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != nnz:
+        raise ValueError(
+            f"{ptr_name} must start at 0 and end at len({idx_name}) = {nnz}, "
+            f"got {int(ptr[0])} .. {int(ptr[-1])}"
+        )
+    if n_rows > 0 and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{ptr_name} must be non-decreasing")
+    if nnz > 0:
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= n_cols:
+            raise ValueError(
+                f"{idx_name} entries must lie in [0, {n_cols}), got {int(lo)}..{int(hi)}"
+            )
+    return ptr, idx
+
+
+def _check_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+    return v
+
+
+def _check_dense(t, name: str, cols: int | None = None, rows: int | None = None):
+    t = _tensor(t, name, torch.float32, 2)
+    if cols is not None and t.shape[1] != cols:
+        raise ValueError(f"{name} must have {cols} columns, got shape {tuple(t.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
+    return t
+
+
+# ----------------------------------------------------------------------------- unstructured
+
+
+def csr_matmul(row_ptr, col_idx, values, x, out_features: int) -> torch.Tensor:
+    """Forward ``y = x @ W^T`` for CSR ``W`` (out_features x x.shape[1]); returns (N, out)."""
+    out_features = _check_int(out_features, "out_features")
+    x = _check_dense(x, "x")
+    row_ptr, col_idx = _check_compressed(
+        row_ptr, col_idx, out_features, x.shape[1], "row_ptr", "col_idx"
+    )
+    values = _tensor(values, "values", torch.float32, 1)
+    if values.numel() != col_idx.numel():
+        raise ValueError(
+            f"values ({values.numel()}) and col_idx ({col_idx.numel()}) differ in length"
+        )
+    ext = _ext()
+    if ext is None:
+        return _ref.csr_matmul(row_ptr, col_idx, values, x, out_features)
+    return ext.csr_spmm(row_ptr, col_idx, values, x, out_features, 0)
+
+
+def csr_transpose(row_ptr, col_idx, in_features: int):
+    """CSC copy of the pattern: ``(col_ptr, row_idx, perm)``, the CSR of ``W^T``.
+
+    ``values[perm]`` are the values of ``W^T`` in that order, so
+    ``csr_matmul(col_ptr, row_idx, values[perm], grad_y, in_features)`` equals
+    :func:`csr_matmul_t`.  Cache it while the pattern does not change.
+    """
+    in_features = _check_int(in_features, "in_features")
+    row_ptr = _tensor(row_ptr, "row_ptr", torch.int64, 1)
+    row_ptr, col_idx = _check_compressed(
+        row_ptr, col_idx, row_ptr.numel() - 1, in_features, "row_ptr", "col_idx"
+    )
+    ext = _ext()
+    if ext is not None:
+        col_ptr, row_idx, perm = ext.compressed_transpose(row_ptr, col_idx, in_features)
+        return col_ptr, row_idx, perm
+    return _ref._bsc_perm(row_ptr, col_idx, in_features)
+
+
+def csr_matmul_t(
+    row_ptr, col_idx, values, grad_y, in_features: int, transpose=None
+) -> torch.Tensor:
+    """Input gradient ``gx = grad_y @ W`` for CSR ``W``; returns (N, in_features).
+
+    ``transpose`` may be the (cached) result of :func:`csr_transpose` for this pattern.
+    """
+    in_features = _check_int(in_features, "in_features")
+    row_ptr = _tensor(row_ptr, "row_ptr", torch.int64, 1)
+    out_features = row_ptr.numel() - 1
+    grad_y = _check_dense(grad_y, "grad_y", cols=out_features)
+    row_ptr, col_idx = _check_compressed(
+        row_ptr, col_idx, out_features, in_features, "row_ptr", "col_idx"
+    )
+    values = _tensor(values, "values", torch.float32, 1)
+    if values.numel() != col_idx.numel():
+        raise ValueError(
+            f"values ({values.numel()}) and col_idx ({col_idx.numel()}) differ in length"
+        )
+    ext = _ext()
+    if ext is None:
+        return _ref.csr_matmul_t(row_ptr, col_idx, values, grad_y, in_features)
+    if transpose is None:
+        col_ptr, row_idx, perm = ext.compressed_transpose(row_ptr, col_idx, in_features)
+    else:
+        col_ptr, row_idx, perm = transpose
+        if perm.numel() != values.numel() or col_ptr.numel() != in_features + 1:
+            raise ValueError("transpose does not match this pattern (use csr_transpose)")
+    return ext.csr_spmm(col_ptr, row_idx, values[perm], grad_y, in_features, 0)
+
+
+def csr_sampled_grad(row_ptr, col_idx, grad_y, x) -> torch.Tensor:
+    """Weight gradient at the stored positions: ``gv[k] = sum_n grad_y[n, row(k)] x[n, col(k)]``."""
+    row_ptr = _tensor(row_ptr, "row_ptr", torch.int64, 1)
+    out_features = row_ptr.numel() - 1
+    x = _check_dense(x, "x")
+    grad_y = _check_dense(grad_y, "grad_y", cols=out_features, rows=x.shape[0])
+    row_ptr, col_idx = _check_compressed(
+        row_ptr, col_idx, out_features, x.shape[1], "row_ptr", "col_idx"
+    )
+    ext = _ext()
+    if ext is None:
+        return _ref.csr_sampled_grad(row_ptr, col_idx, grad_y, x)
+    return ext.csr_sddmm(row_ptr, col_idx, grad_y, x, 0)
+
+
+# ----------------------------------------------------------------------------- block-sparse
+
+
+def _check_blocks(blocks, nblocks: int) -> torch.Tensor:
+    blocks = _tensor(blocks, "blocks", torch.float32, 3)
+    b = blocks.shape[1]
+    if blocks.shape[2] != b or b not in BLOCK_SIZES:
+        raise ValueError(
+            f"blocks must have shape (nblocks, b, b) with b in {BLOCK_SIZES}, "
+            f"got {tuple(blocks.shape)}"
+        )
+    if blocks.shape[0] != nblocks:
+        raise ValueError(f"blocks has {blocks.shape[0]} blocks but block_col has {nblocks}")
+    return blocks
+
+
+def _check_features(n: int, b: int, name: str) -> int:
+    if n % b != 0:
+        raise ValueError(f"{name} = {n} must be a multiple of the block size {b}")
+    return n // b
+
+
+def bsr_matmul(block_row_ptr, block_col, blocks, x, out_features: int) -> torch.Tensor:
+    """Forward ``y = x @ W^T`` for BSR ``W``; returns (N, out_features)."""
+    out_features = _check_int(out_features, "out_features")
+    x = _check_dense(x, "x")
+    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    blocks = _check_blocks(blocks, block_col.numel())
+    b = blocks.shape[1]
+    nbr = _check_features(out_features, b, "out_features")
+    nbc = _check_features(x.shape[1], b, "x.shape[1] (in_features)")
+    block_row_ptr, block_col = _check_compressed(
+        block_row_ptr, block_col, nbr, nbc, "block_row_ptr", "block_col"
+    )
+    ext = _ext()
+    if ext is None:
+        return _ref.bsr_matmul(block_row_ptr, block_col, blocks, x, out_features)
+    return ext.bsr_spmm(
+        block_row_ptr, block_col, blocks.transpose(1, 2).contiguous(), x, out_features
+    )
+
+
+def bsr_transpose(block_row_ptr, block_col, in_features: int, block_size: int):
+    """Block-CSC copy of the pattern ``(block_col_ptr, block_row, perm)`` (the BSR of ``W^T``;
+    its blocks are ``blocks[perm].transpose(1, 2)``)."""
+    nbc = _check_features(_check_int(in_features, "in_features"), block_size, "in_features")
+    block_row_ptr = _tensor(block_row_ptr, "block_row_ptr", torch.int64, 1)
+    block_row_ptr, block_col = _check_compressed(
+        block_row_ptr, block_col, block_row_ptr.numel() - 1, nbc, "block_row_ptr", "block_col"
+    )
+    ext = _ext()
+    if ext is not None:
+        col_ptr, rows, perm = ext.compressed_transpose(block_row_ptr, block_col, nbc)
+        return col_ptr, rows, perm
+    return _ref._bsc_perm(block_row_ptr, block_col, nbc)
+
+
+def bsr_matmul_t(
+    block_row_ptr, block_col, blocks, grad_y, in_features: int, transpose=None
+) -> torch.Tensor:
+    """Input gradient ``gx = grad_y @ W`` for BSR ``W``; returns (N, in_features).
+
+    ``transpose`` may be the (cached) result of :func:`bsr_transpose` for this pattern.
+    """
+    in_features = _check_int(in_features, "in_features")
+    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    blocks = _check_blocks(blocks, block_col.numel())
+    b = blocks.shape[1]
+    block_row_ptr = _tensor(block_row_ptr, "block_row_ptr", torch.int64, 1)
+    nbr = block_row_ptr.numel() - 1
+    grad_y = _check_dense(grad_y, "grad_y", cols=nbr * b)
+    nbc = _check_features(in_features, b, "in_features")
+    block_row_ptr, block_col = _check_compressed(
+        block_row_ptr, block_col, nbr, nbc, "block_row_ptr", "block_col"
+    )
+    ext = _ext()
+    if ext is None:
+        return _ref.bsr_matmul_t(block_row_ptr, block_col, blocks, grad_y, in_features)
+    if transpose is None:
+        col_ptr, rows, perm = ext.compressed_transpose(block_row_ptr, block_col, nbc)
+    else:
+        col_ptr, rows, perm = transpose
+        if perm.numel() != block_col.numel() or col_ptr.numel() != nbc + 1:
+            raise ValueError("transpose does not match this pattern (use bsr_transpose)")
+    # Kernel wants the blocks of W^T transposed, i.e. the blocks of W in block-CSC order.
+    return ext.bsr_spmm(col_ptr, rows, blocks[perm], grad_y, in_features)
+
+
+def bsr_sampled_grad(
+    block_row_ptr, block_col, grad_y, x, block_size: int | None = None
+) -> torch.Tensor:
+    """Block weight gradient ``G[k] = grad_y[:, rows(k)]^T @ x[:, cols(k)]``; (nblocks, b, b).
+
+    ``block_size`` defaults to ``grad_y.shape[1] // (len(block_row_ptr) - 1)``.
+    """
+    block_row_ptr = _tensor(block_row_ptr, "block_row_ptr", torch.int64, 1)
+    nbr = block_row_ptr.numel() - 1
+    x = _check_dense(x, "x")
+    grad_y = _check_dense(grad_y, "grad_y", rows=x.shape[0])
+    if block_size is None:
+        if nbr == 0:
+            raise ValueError("block_size is required when there are no block rows")
+        block_size = grad_y.shape[1] // nbr
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {block_size}")
+    b = block_size
+    if grad_y.shape[1] != nbr * b:
+        raise ValueError(f"grad_y must have {nbr * b} columns, got shape {tuple(grad_y.shape)}")
+    nbc = _check_features(x.shape[1], b, "x.shape[1] (in_features)")
+    block_row_ptr, block_col = _check_compressed(
+        block_row_ptr, block_col, nbr, nbc, "block_row_ptr", "block_col"
+    )
+    ext = _ext()
+    if ext is None:
+        return _ref.bsr_sampled_grad(block_row_ptr, block_col, grad_y, x, b)
+    return ext.bsr_sddmm(block_row_ptr, block_col, grad_y, x, b)
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def dense_to_csr(weight, mask=None):
+    """``(row_ptr, col_idx, values)`` of ``weight`` at ``mask`` (default: ``weight != 0``).
+
+    Masked-in zeros are kept as stored entries.
+    """
+    weight = _check_dense(weight, "weight")
+    if mask is None:
+        mask = weight != 0
+    if not isinstance(mask, torch.Tensor) or mask.shape != weight.shape:
+        raise ValueError("mask must be a tensor with the shape of weight")
+    mask = mask.detach().to(torch.bool)
+    rows, cols = mask.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(mask.sum(1, dtype=torch.int64), 0)
+    return row_ptr, cols.contiguous(), weight[rows, cols].contiguous()
+
+
+def csr_to_dense(row_ptr, col_idx, values, in_features: int) -> torch.Tensor:
+    """Dense ``(out, in)`` matrix of a CSR structure."""
+    row_ptr = _tensor(row_ptr, "row_ptr", torch.int64, 1)
+    out_features = row_ptr.numel() - 1
+    row_ptr, col_idx = _check_compressed(
+        row_ptr, col_idx, out_features, in_features, "row_ptr", "col_idx"
+    )
+    values = _tensor(values, "values", torch.float32, 1)
+    rows = torch.repeat_interleave(torch.arange(out_features), row_ptr[1:] - row_ptr[:-1])
+    w = torch.zeros(out_features, in_features, dtype=torch.float32)
+    w[rows, col_idx] = values
+    return w
+
+
+def dense_to_bsr(weight, block_mask, b: int):
+    """``(block_row_ptr, block_col, blocks)`` of ``weight`` at the active blocks of ``block_mask``
+    (shape ``(out // b, in // b)``)."""
+    weight = _check_dense(weight, "weight")
+    if b not in BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {b}")
+    out_f, in_f = weight.shape
+    nbr = _check_features(out_f, b, "out_features")
+    nbc = _check_features(in_f, b, "in_features")
+    if not isinstance(block_mask, torch.Tensor) or tuple(block_mask.shape) != (nbr, nbc):
+        raise ValueError(f"block_mask must have shape {(nbr, nbc)}")
+    block_mask = block_mask.detach().to(torch.bool)
+    bi, bj = block_mask.nonzero(as_tuple=True)
+    block_row_ptr = torch.zeros(nbr + 1, dtype=torch.int64)
+    block_row_ptr[1:] = torch.cumsum(block_mask.sum(1, dtype=torch.int64), 0)
+    wb = weight.reshape(nbr, b, nbc, b).permute(0, 2, 1, 3)
+    return block_row_ptr, bj.contiguous(), wb[bi, bj].contiguous()
+
+
+def bsr_to_dense(block_row_ptr, block_col, blocks, in_features: int) -> torch.Tensor:
+    """Dense ``(out, in)`` matrix of a BSR structure."""
+    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    blocks = _check_blocks(blocks, block_col.numel())
+    b = blocks.shape[1]
+    nbc = _check_features(in_features, b, "in_features")
+    block_row_ptr = _tensor(block_row_ptr, "block_row_ptr", torch.int64, 1)
+    nbr = block_row_ptr.numel() - 1
+    block_row_ptr, block_col = _check_compressed(
+        block_row_ptr, block_col, nbr, nbc, "block_row_ptr", "block_col"
+    )
+    rows = torch.repeat_interleave(torch.arange(nbr), block_row_ptr[1:] - block_row_ptr[:-1])
+    wb = torch.zeros(nbr, nbc, b, b, dtype=torch.float32)
+    wb[rows, block_col] = blocks
+    return wb.permute(0, 2, 1, 3).reshape(nbr * b, in_features)

@@ -1,0 +1,632 @@
+// CPU kernels for a truly sparse Linear layer  y = x @ W^T  (W: out x in, float32).
+//
+// Unstructured (CSR over the rows of W) kernels work "feature-major": a tile of NT batch rows of
+// the gathered operand is transposed into a thread-local (features x NT) buffer that stays in L2,
+// so every stored weight becomes a contiguous axpy / dot product over NT batch entries that is
+// accumulated in vector registers.  The transposed product uses a CSC copy of the pattern (the
+// CSR of W^T), so it is the same kernel and needs no atomics.  The sampled weight gradient
+// (SDDMM) keeps one partial gradient per thread and sums them at the end.
+//
+// Block-sparse (BSR, b x b blocks, b = 4, 8, 16) kernels work directly on the row-major
+// activations: one block is a small dense (NR x b) += (NR x b) * (b x b) product with NR rows of
+// the batch held in vector registers (vector width = b floats).
+//
+// Compiled just in time by alwayssparse.kernels._build with -O3 -march=native -ffp-contract=fast
+// (FMA contraction only, no -ffast-math).  Parallelism: at::parallel_for (torch's intra-op pool).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <sys/mman.h>
+
+namespace {
+
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+template <int B> struct VecOf;
+template <> struct VecOf<4> { typedef float type __attribute__((vector_size(16), aligned(4))); };
+template <> struct VecOf<8> { typedef float type __attribute__((vector_size(32), aligned(4))); };
+template <> struct VecOf<16> { typedef float type __attribute__((vector_size(64), aligned(4))); };
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buf = std::unique_ptr<float, FreeDeleter>;
+
+Buf alloc_aligned(int64_t n) {
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 16)) * sizeof(float);
+  bytes = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(p != nullptr, "alwayssparse kernels: out of memory");
+  return Buf(static_cast<float*>(p));
+}
+
+inline float hsum16(vf16 v) {
+  vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));
+
+// Two-source lane permutation stages of a 16 x 16 transpose (block-swap of size H).
+#define AS_STAGE(H, LO, HI)                                                        \
+  for (int i = 0; i < 16; ++i) {                                                    \
+    if (i & H) continue;                                                            \
+    const vf16 a = r[i], b = r[i + H];                                              \
+    r[i] = __builtin_shufflevector(a, b, LO);                                       \
+    r[i + H] = __builtin_shufflevector(a, b, HI);                                   \
+  }
+#define AS_L8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define AS_H8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define AS_L4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define AS_H4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define AS_L2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define AS_H2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define AS_L1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define AS_H1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+
+// dst[c * ldd + j] = src[j * lds + c] for a full 16 x 16 block.
+inline void transpose16(const float* __restrict src, int64_t lds, float* __restrict dst,
+                        int64_t ldd) {
+  vf16 r[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = *reinterpret_cast<const vf16u*>(src + i * lds);
+#pragma GCC unroll 16
+  AS_STAGE(8, AS_L8, AS_H8)
+#pragma GCC unroll 16
+  AS_STAGE(4, AS_L4, AS_H4)
+#pragma GCC unroll 16
+  AS_STAGE(2, AS_L2, AS_H2)
+#pragma GCC unroll 16
+  AS_STAGE(1, AS_L1, AS_H1)
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) *reinterpret_cast<vf16u*>(dst + i * ldd) = r[i];
+}
+
+// out[m] = sum of the lanes of v[m] (m < 16), 30 permutes + 15 adds for 16 sums.
+inline vf16 reduce16(const vf16* v) {
+  vf16 a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], AS_L8) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], AS_H8);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
+                                   18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17,
+                                   20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// Output tensors of a few MiB and more: 2 MiB aligned + MADV_HUGEPAGE, so that first touch
+// costs one page fault per 2 MiB instead of one per 4 KiB (large on VMs).
+at::Tensor alloc_output(at::IntArrayRef sizes, bool zero) {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  constexpr size_t HUGE_SZ = 2u << 20;
+  if (bytes < 4 * HUGE_SZ) {
+    auto opt = at::TensorOptions().dtype(at::kFloat);
+    return zero ? at::zeros(sizes, opt) : at::empty(sizes, opt);
+  }
+  const size_t alloc = (bytes + HUGE_SZ - 1) / HUGE_SZ * HUGE_SZ;
+  void* p = std::aligned_alloc(HUGE_SZ, alloc);
+  TORCH_CHECK(p != nullptr, "alwayssparse kernels: out of memory");
+#ifdef MADV_HUGEPAGE
+  madvise(p, alloc, MADV_HUGEPAGE);
+#endif
+  auto t = at::from_blob(p, sizes, [](void* q) { std::free(q); },
+                         at::TensorOptions().dtype(at::kFloat));
+  if (zero) t.zero_();
+  return t;
+}
+
+// bt[c * NT + j] = x[(n0 + j) * ld + c] for c < K, j < nt; zero for nt <= j < NT.
+template <int NT>
+void pack_tile_t(const float* __restrict x, int64_t ld, int64_t n0, int64_t nt, int64_t K,
+                 float* __restrict bt) {
+  const int64_t jf = nt / 16 * 16, cf = K / 16 * 16;
+  for (int64_t c0 = 0; c0 < cf; c0 += 16)
+    for (int64_t j0 = 0; j0 < jf; j0 += 16)
+      transpose16(x + (n0 + j0) * ld + c0, ld, bt + c0 * NT + j0, NT);
+  // Ragged edges.
+  for (int64_t j = 0; j < nt; ++j) {
+    const float* src = x + (n0 + j) * ld;
+    const int64_t cs = (j < jf) ? cf : 0;
+    for (int64_t c = cs; c < K; ++c) bt[c * NT + j] = src[c];
+  }
+  if (nt < NT) {
+    for (int64_t c = 0; c < K; ++c) std::memset(bt + c * NT + nt, 0, sizeof(float) * (NT - nt));
+  }
+}
+
+// y[(n0 + j) * ld + r0 + i] = ob[i * NT + j] for i < rr, j < nt.
+template <int NT>
+inline void unpack_rows(const float* __restrict ob, int64_t rr, int64_t nt, float* __restrict y,
+                        int64_t ld) {
+  if (rr == 16) {
+    const int64_t jf = nt / 16 * 16;
+    for (int64_t j0 = 0; j0 < jf; j0 += 16) transpose16(ob + j0, NT, y + j0 * ld, ld);
+    for (int64_t j = jf; j < nt; ++j)
+      for (int64_t i = 0; i < 16; ++i) y[j * ld + i] = ob[i * NT + j];
+  } else {
+    for (int64_t j = 0; j < nt; ++j)
+      for (int64_t i = 0; i < rr; ++i) y[j * ld + i] = ob[i * NT + j];
+  }
+}
+
+// Dynamic scheduling on torch's pool: one worker per thread pulls items from a shared counter,
+// so a thread that is descheduled (busy machine) does not hold the others back.
+// body(worker, begin_item_callback) is called once per worker with a `next` function.
+template <class Body>
+void run_workers(int64_t items, Body&& body) {
+  const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter, items]() -> int64_t {
+    const int64_t it = counter.fetch_add(1, std::memory_order_relaxed);
+    return it < items ? it : -1;
+  };
+  if (nw == 1) {
+    body(int64_t{0}, next);
+    return;
+  }
+  at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) body(w, next);
+  });
+}
+
+// Work split shared by the feature-major kernels: items = batch tiles x chunks of 16-row groups.
+struct Split {
+  int64_t ntiles, ngroups, nchunks, gper, items;
+};
+
+Split make_split(int64_t N, int64_t NT, int64_t R) {
+  Split s;
+  s.ntiles = (N + NT - 1) / NT;
+  s.ngroups = (R + 15) / 16;
+  const int64_t nth = at::get_num_threads();
+  int64_t want = (8 * nth + s.ntiles - 1) / std::max<int64_t>(s.ntiles, 1);
+  s.nchunks = std::max<int64_t>(1, std::min<int64_t>(s.ngroups, want));
+  s.gper = (s.ngroups + s.nchunks - 1) / s.nchunks;
+  s.nchunks = (s.ngroups + s.gper - 1) / std::max<int64_t>(s.gper, 1);
+  s.nchunks = std::max<int64_t>(s.nchunks, 1);
+  s.items = s.ntiles * s.nchunks;
+  return s;
+}
+
+// out[(r - r0) * NT + :] = sum_k val[k] * bt[idx[k] * NT + :] for r in [r0, r1).
+template <int NV>
+inline void spmm_rows(const int64_t* __restrict ptr, const int64_t* __restrict idx,
+                      const float* __restrict val, int64_t r0, int64_t r1,
+                      const float* __restrict bt, float* __restrict out) {
+  constexpr int NT = 16 * NV;
+  for (int64_t r = r0; r < r1; ++r) {
+    vf16 a0[NV], a1[NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) {
+      a0[i] = vf16{};
+      a1[i] = vf16{};
+    }
+    int64_t k = ptr[r];
+    const int64_t ke = ptr[r + 1];
+    for (; k + 1 < ke; k += 2) {
+      const vf16* s0 = reinterpret_cast<const vf16*>(bt + idx[k] * NT);
+      const vf16* s1 = reinterpret_cast<const vf16*>(bt + idx[k + 1] * NT);
+      const float v0 = val[k], v1 = val[k + 1];
+#pragma GCC unroll 16
+      for (int i = 0; i < NV; ++i) {
+        a0[i] += v0 * s0[i];
+        a1[i] += v1 * s1[i];
+      }
+    }
+    if (k < ke) {
+      const vf16* s0 = reinterpret_cast<const vf16*>(bt + idx[k] * NT);
+      const float v0 = val[k];
+#pragma GCC unroll 16
+      for (int i = 0; i < NV; ++i) a0[i] += v0 * s0[i];
+    }
+    vf16* o = reinterpret_cast<vf16*>(out + (r - r0) * NT);
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; ++i) o[i] = a0[i] + a1[i];
+  }
+}
+
+// y (N x R) = x (N x K) @ S^T where S (R x K) is CSR (ptr, idx, val).
+template <int NV>
+void spmm_fm(const int64_t* ptr, const int64_t* idx, const float* val, int64_t R,
+             const float* x, int64_t N, int64_t K, float* y) {
+  constexpr int NT = 16 * NV;
+  const Split s = make_split(N, NT, R);
+  run_workers(s.items, [&](int64_t, auto& next) {
+    Buf bt = alloc_aligned(K * NT);
+    Buf ob = alloc_aligned(16 * NT);
+    int64_t cur = -1;
+    for (int64_t it; (it = next()) >= 0;) {
+      const int64_t t = it / s.nchunks, c = it % s.nchunks;
+      const int64_t n0 = t * NT, nt = std::min<int64_t>(NT, N - n0);
+      if (t != cur) {
+        pack_tile_t<NT>(x, K, n0, nt, K, bt.get());
+        cur = t;
+      }
+      const int64_t g1 = std::min(s.ngroups, (c + 1) * s.gper);
+      for (int64_t g = c * s.gper; g < g1; ++g) {
+        const int64_t r0 = g * 16, rr = std::min<int64_t>(16, R - r0);
+        spmm_rows<NV>(ptr, idx, val, r0, r0 + rr, bt.get(), ob.get());
+        unpack_rows<NT>(ob.get(), rr, nt, y + n0 * R + r0, R);
+      }
+    }
+  });
+}
+
+// gv[k] = sum_n gy[n, row(k)] * x[n, idx[k]]
+template <int NV>
+void sddmm_fm(const int64_t* ptr, const int64_t* idx, int64_t R, const float* gy,
+              const float* x, int64_t N, int64_t K, float* gv) {
+  constexpr int NT = 16 * NV;
+  const int64_t nnz = ptr[R];
+  const Split s = make_split(N, NT, R);
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  // Per-worker partial sums.
+  std::vector<Buf> parts(nth);
+  std::vector<char> used(nth, 0);
+  run_workers(s.items, [&](int64_t tid, auto& next) {
+    int64_t it = next();
+    if (it < 0) return;
+    parts[tid] = alloc_aligned(nnz);
+    std::memset(parts[tid].get(), 0, sizeof(float) * nnz);
+    used[tid] = 1;
+    float* part = parts[tid].get();
+    Buf bt = alloc_aligned(K * NT);
+    Buf gb = alloc_aligned(16 * NT);
+    int64_t cur = -1;
+    for (; it >= 0; it = next()) {
+      const int64_t t = it / s.nchunks, c = it % s.nchunks;
+      const int64_t n0 = t * NT, nt = std::min<int64_t>(NT, N - n0);
+      if (t != cur) {
+        pack_tile_t<NT>(x, K, n0, nt, K, bt.get());
+        cur = t;
+      }
+      const int64_t g1 = std::min(s.ngroups, (c + 1) * s.gper);
+      for (int64_t g = c * s.gper; g < g1; ++g) {
+        const int64_t r0 = g * 16, rr = std::min<int64_t>(16, R - r0);
+        if (ptr[r0 + rr] == ptr[r0]) continue;
+        float* gt = gb.get();
+        if (rr < 16) std::memset(gt, 0, sizeof(float) * 16 * NT);
+        pack_tile_t<NT>(gy + r0, R, n0, nt, rr, gt);
+        // Dot products of 16 consecutive stored entries are reduced together.
+        alignas(64) vf16 pend[16];
+        int np = 0;
+        int64_t kbase = ptr[r0];
+        auto flush = [&](int cnt) {
+          for (int m = cnt; m < 16; ++m) pend[m] = vf16{};
+          const vf16 s16 = reduce16(pend);
+          if (cnt == 16) {
+            *reinterpret_cast<vf16u*>(part + kbase) += s16;
+          } else {
+            for (int m = 0; m < cnt; ++m) part[kbase + m] += s16[m];
+          }
+        };
+        for (int64_t r = r0; r < r0 + rr; ++r) {
+          vf16 gr[NV];
+          const vf16* gsrc = reinterpret_cast<const vf16*>(gt + (r - r0) * NT);
+#pragma GCC unroll 16
+          for (int i = 0; i < NV; ++i) gr[i] = gsrc[i];
+          const int64_t ke = ptr[r + 1];
+          for (int64_t k = ptr[r]; k < ke; ++k) {
+            const vf16* xs = reinterpret_cast<const vf16*>(bt.get() + idx[k] * NT);
+            vf16 a0 = gr[0] * xs[0];
+            if constexpr (NV > 1) {
+              vf16 a1 = gr[1] * xs[1];
+#pragma GCC unroll 16
+              for (int i = 2; i < NV; i += 2) {
+                a0 += gr[i] * xs[i];
+                a1 += gr[i + 1] * xs[i + 1];
+              }
+              a0 += a1;
+            }
+            pend[np++] = a0;
+            if (np == 16) {
+              flush(16);
+              kbase += 16;
+              np = 0;
+            }
+          }
+        }
+        if (np > 0) flush(np);
+      }
+    }
+  });
+  // Reduce the partials.
+  std::vector<const float*> ps;
+  for (int64_t t = 0; t < nth; ++t)
+    if (used[t]) ps.push_back(parts[t].get());
+  at::parallel_for(0, nnz, 4096, [&](int64_t b, int64_t e) {
+    if (ps.empty()) {
+      std::memset(gv + b, 0, sizeof(float) * (e - b));
+      return;
+    }
+    for (int64_t k = b; k < e; ++k) {
+      float acc = ps[0][k];
+      for (size_t t = 1; t < ps.size(); ++t) acc += ps[t][k];
+      gv[k] = acc;
+    }
+  });
+}
+
+int pick_nv(int64_t N, int64_t K, int64_t nt_req) {
+  int64_t nt;
+  if (nt_req > 0) {
+    nt = nt_req;
+  } else {
+    // Keep the transposed (K x NT) tile within ~1 MiB (half an L2 of a recent server core).
+    const int64_t budget = 1 << 20;
+    nt = 128;
+    while (nt > 16 && K * nt * 4 > budget) nt /= 2;
+    while (nt > 16 && nt / 2 >= N) nt /= 2;
+  }
+  if (nt >= 128) return 8;
+  if (nt >= 64) return 4;
+  if (nt >= 32) return 2;
+  return 1;
+}
+
+void check_csr(const at::Tensor& ptr, const at::Tensor& idx) {
+  TORCH_CHECK(ptr.dtype() == at::kLong && idx.dtype() == at::kLong, "indices must be int64");
+  TORCH_CHECK(ptr.is_contiguous() && idx.is_contiguous(), "indices must be contiguous");
+}
+
+void check_dense(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+// ---------------------------------------------------------------- unstructured entry points
+
+at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x, int64_t R,
+                    int64_t nt) {
+  check_csr(ptr, idx);
+  check_dense(x, "x");
+  TORCH_CHECK(val.dtype() == at::kFloat && val.is_contiguous(), "values must be float32");
+  const int64_t N = x.size(0), K = x.size(1);
+  auto y = alloc_output({N, R}, false);
+  if (N == 0 || R == 0) return y;
+  const int nv = pick_nv(N, K, nt);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* c = idx.data_ptr<int64_t>();
+  const float* v = val.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (nv) {
+    case 8: spmm_fm<8>(p, c, v, R, xp, N, K, yp); break;
+    case 4: spmm_fm<4>(p, c, v, R, xp, N, K, yp); break;
+    case 2: spmm_fm<2>(p, c, v, R, xp, N, K, yp); break;
+    default: spmm_fm<1>(p, c, v, R, xp, N, K, yp); break;
+  }
+  return y;
+}
+
+at::Tensor csr_sddmm(at::Tensor ptr, at::Tensor idx, at::Tensor gy, at::Tensor x, int64_t nt) {
+  check_csr(ptr, idx);
+  check_dense(gy, "grad_y");
+  check_dense(x, "x");
+  const int64_t R = ptr.size(0) - 1, N = x.size(0), K = x.size(1);
+  const int64_t nnz = idx.size(0);
+  auto gv = at::zeros({nnz}, x.options());
+  if (nnz == 0 || N == 0) return gv;
+  const int nv = pick_nv(N, K, nt);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* c = idx.data_ptr<int64_t>();
+  const float* g = gy.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* o = gv.data_ptr<float>();
+  switch (nv) {
+    case 8: sddmm_fm<8>(p, c, R, g, xp, N, K, o); break;
+    case 4: sddmm_fm<4>(p, c, R, g, xp, N, K, o); break;
+    case 2: sddmm_fm<2>(p, c, R, g, xp, N, K, o); break;
+    default: sddmm_fm<1>(p, c, R, g, xp, N, K, o); break;
+  }
+  return gv;
+}
+
+// Transpose of a compressed pattern: (ptr over R, idx in [0, C)) -> (tptr over C, tidx, perm)
+// with perm[t] = position in the original arrays, indices sorted within each output row.
+std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int64_t C) {
+  check_csr(ptr, idx);
+  const int64_t R = ptr.size(0) - 1, nnz = idx.size(0);
+  auto opt = ptr.options();
+  auto tptr = at::zeros({C + 1}, opt);
+  auto tidx = at::empty({nnz}, opt);
+  auto perm = at::empty({nnz}, opt);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* c = idx.data_ptr<int64_t>();
+  int64_t* tp = tptr.data_ptr<int64_t>();
+  int64_t* ti = tidx.data_ptr<int64_t>();
+  int64_t* pm = perm.data_ptr<int64_t>();
+  for (int64_t k = 0; k < nnz; ++k) tp[c[k] + 1]++;
+  for (int64_t j = 0; j < C; ++j) tp[j + 1] += tp[j];
+  std::vector<int64_t> fill(tp, tp + C);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = p[r]; k < p[r + 1]; ++k) {
+      const int64_t d = fill[c[k]]++;
+      ti[d] = r;
+      pm[d] = k;
+    }
+  }
+  return {tptr, tidx, perm};
+}
+
+// ---------------------------------------------------------------- block-sparse kernels
+
+// y (N x NBR*B) = x (N x K) @ W^T with W's blocks given transposed: wt[blk][q][p] = W_blk[p][q].
+template <int B, int NR>
+inline void bsr_rows(const int64_t* __restrict bptr, const int64_t* __restrict bidx,
+                     const float* __restrict wt, int64_t i0, int64_t i1,
+                     const float* __restrict x, int64_t K, float* __restrict y, int64_t M) {
+  typedef typename VecOf<B>::type vb;
+  for (int64_t i = i0; i < i1; ++i) {
+    vb acc[NR];
+#pragma GCC unroll 32
+    for (int t = 0; t < NR; ++t) acc[t] = vb{};
+    for (int64_t blk = bptr[i]; blk < bptr[i + 1]; ++blk) {
+      const float* xs = x + bidx[blk] * B;
+      const vb* w = reinterpret_cast<const vb*>(wt + blk * B * B);
+#pragma GCC unroll 4
+      for (int q = 0; q < B; ++q) {
+        const vb wq = w[q];
+#pragma GCC unroll 32
+        for (int t = 0; t < NR; ++t) acc[t] += xs[t * K + q] * wq;
+      }
+    }
+#pragma GCC unroll 32
+    for (int t = 0; t < NR; ++t) *reinterpret_cast<vb*>(y + t * M + i * B) = acc[t];
+  }
+}
+
+template <int B>
+void bsr_spmm_impl(const int64_t* bptr, const int64_t* bidx, const float* wt, int64_t NBR,
+                   const float* x, int64_t N, int64_t K, float* y) {
+  constexpr int NR = (B == 16) ? 12 : 12;
+  const int64_t M = NBR * B;
+  const int64_t nblk = (N + NR - 1) / NR;
+  const int64_t nth = at::get_num_threads();
+  int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(NBR, (8 * nth + nblk - 1) / nblk));
+  const int64_t iper = (NBR + nchunks - 1) / nchunks;
+  nchunks = (NBR + iper - 1) / iper;
+  run_workers(nblk * nchunks, [&](int64_t, auto& next) {
+    for (int64_t it; (it = next()) >= 0;) {
+      const int64_t nb = it / nchunks, c = it % nchunks;
+      const int64_t n0 = nb * NR, nr = std::min<int64_t>(NR, N - n0);
+      const int64_t i0 = c * iper, i1 = std::min(NBR, i0 + iper);
+      if (nr == NR) {
+        bsr_rows<B, NR>(bptr, bidx, wt, i0, i1, x + n0 * K, K, y + n0 * M, M);
+      } else {
+        for (int64_t n = n0; n < n0 + nr; ++n)
+          bsr_rows<B, 1>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M);
+      }
+    }
+  });
+}
+
+// G[blk][p][q] = sum_n gy[n, i*B + p] * x[n, j*B + q]
+template <int B>
+void bsr_sddmm_impl(const int64_t* bptr, const int64_t* bidx, int64_t NBR, const float* gy,
+                    const float* x, int64_t N, int64_t K, float* G) {
+  typedef typename VecOf<B>::type vb;
+  const int64_t M = NBR * B;
+  int64_t T = 256;
+  while (T > 16 && T * K * 4 > (1 << 20)) T /= 2;
+  const int64_t nth = at::get_num_threads();
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(8, NBR / (8 * nth)));
+  const int64_t items = (NBR + per - 1) / per;
+  run_workers(items, [&](int64_t, auto& next) {
+    for (int64_t it; (it = next()) >= 0;) {
+      const int64_t b = it * per, e = std::min(NBR, b + per);
+      for (int64_t n0 = 0; n0 < N; n0 += T) {
+        const int64_t n1 = std::min(N, n0 + T);
+        for (int64_t i = b; i < e; ++i) {
+          for (int64_t blk = bptr[i]; blk < bptr[i + 1]; ++blk) {
+            const int64_t j = bidx[blk];
+            vb* g = reinterpret_cast<vb*>(G + blk * B * B);
+            vb acc[B];
+#pragma GCC unroll 16
+            for (int p = 0; p < B; ++p) acc[p] = (n0 == 0) ? vb{} : g[p];
+            const float* xs = x + j * B;
+            const float* gs = gy + i * B;
+            for (int64_t n = n0; n < n1; ++n) {
+              const vb xv = *reinterpret_cast<const vb*>(xs + n * K);
+              const float* gr = gs + n * M;
+#pragma GCC unroll 16
+              for (int p = 0; p < B; ++p) acc[p] += gr[p] * xv;
+            }
+#pragma GCC unroll 16
+            for (int p = 0; p < B; ++p) g[p] = acc[p];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor bsr_spmm(at::Tensor bptr, at::Tensor bidx, at::Tensor wt, at::Tensor x,
+                    int64_t out_features) {
+  check_csr(bptr, bidx);
+  check_dense(x, "x");
+  TORCH_CHECK(wt.dtype() == at::kFloat && wt.is_contiguous() && wt.dim() == 3,
+              "blocks must be a contiguous float32 (nblocks, b, b) tensor");
+  const int64_t B = wt.size(1);
+  const int64_t NBR = bptr.size(0) - 1, N = x.size(0), K = x.size(1);
+  TORCH_CHECK(NBR * B == out_features, "block_row_ptr does not match out_features");
+  auto y = alloc_output({N, out_features}, false);
+  if (N == 0 || out_features == 0) return y;
+  const int64_t* p = bptr.data_ptr<int64_t>();
+  const int64_t* c = bidx.data_ptr<int64_t>();
+  const float* w = wt.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (B) {
+    case 16: bsr_spmm_impl<16>(p, c, w, NBR, xp, N, K, yp); break;
+    case 8: bsr_spmm_impl<8>(p, c, w, NBR, xp, N, K, yp); break;
+    case 4: bsr_spmm_impl<4>(p, c, w, NBR, xp, N, K, yp); break;
+    default: TORCH_CHECK(false, "block size must be 4, 8 or 16");
+  }
+  return y;
+}
+
+at::Tensor bsr_sddmm(at::Tensor bptr, at::Tensor bidx, at::Tensor gy, at::Tensor x, int64_t B) {
+  check_csr(bptr, bidx);
+  check_dense(gy, "grad_y");
+  check_dense(x, "x");
+  const int64_t NBR = bptr.size(0) - 1, N = x.size(0), K = x.size(1);
+  const int64_t nb = bidx.size(0);
+  TORCH_CHECK(gy.size(1) == NBR * B, "grad_y does not match the block structure");
+  auto G = at::zeros({nb, B, B}, x.options());
+  if (nb == 0 || N == 0) return G;
+  const int64_t* p = bptr.data_ptr<int64_t>();
+  const int64_t* c = bidx.data_ptr<int64_t>();
+  const float* g = gy.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* o = G.data_ptr<float>();
+  switch (B) {
+    case 16: bsr_sddmm_impl<16>(p, c, NBR, g, xp, N, K, o); break;
+    case 8: bsr_sddmm_impl<8>(p, c, NBR, g, xp, N, K, o); break;
+    case 4: bsr_sddmm_impl<4>(p, c, NBR, g, xp, N, K, o); break;
+    default: TORCH_CHECK(false, "block size must be 4, 8 or 16");
+  }
+  return G;
+}
+
+int64_t num_threads() { return at::get_num_threads(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("csr_spmm", &csr_spmm, "y = x @ S^T for CSR S (feature-major kernel)");
+  m.def("csr_sddmm", &csr_sddmm, "sampled dense-dense product at CSR positions");
+  m.def("compressed_transpose", &compressed_transpose, "CSR -> CSC pattern with permutation");
+  m.def("bsr_spmm", &bsr_spmm, "y = x @ W^T for BSR W given transposed blocks");
+  m.def("bsr_sddmm", &bsr_sddmm, "sampled block gradient");
+  m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
+}

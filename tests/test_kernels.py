@@ -1,0 +1,182 @@
+"""Sparse Linear kernels (alwayssparse.kernels) against dense PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alwayssparse import kernels as K
+from alwayssparse.kernels import _build
+from alwayssparse.kernels import _torch_ref as R
+
+ATOL = 1e-4
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    return K.available_backend()
+
+
+@pytest.fixture
+def torch_backend():
+    """Force the pure-PyTorch fallback for the duration of a test."""
+    saved = dict(_build._state)
+    _build._state.update(loaded=True, module=None)
+    yield
+    _build._state.clear()
+    _build._state.update(saved)
+
+
+def _close(a, b, rtol=RTOL, atol=ATOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.dtype == torch.float32
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= atol * scale + rtol * scale, f"max abs error {err} (scale {scale})"
+
+
+def _mask(out_f, in_f, density, gen):
+    m = torch.rand(out_f, in_f, generator=gen) < density
+    if out_f > 3:
+        m[1] = False  # empty row
+        m[2] = True  # fully dense row
+    return m
+
+
+# (batch, in, out, density): ragged batches (not multiples of 16 / 64), tiny and empty shapes.
+CSR_CASES = [
+    (1, 5, 3, 0.5),
+    (17, 40, 24, 0.3),
+    (70, 33, 19, 0.2),
+    (129, 257, 130, 0.05),
+    (300, 1024, 64, 0.1),
+    (64, 16, 48, 0.0),  # nnz = 0
+    (0, 16, 8, 0.5),  # empty batch
+]
+
+
+@pytest.mark.parametrize("n,fin,fout,d", CSR_CASES)
+def test_csr_kernels_match_dense(n, fin, fout, d, backend):
+    gen = torch.Generator().manual_seed(n * 1000 + fin)
+    w = torch.randn(fout, fin, generator=gen)
+    mask = _mask(fout, fin, d, gen)
+    if d == 0.0:
+        mask[:] = False
+    rp, ci, v = K.dense_to_csr(w, mask)
+    wd = K.csr_to_dense(rp, ci, v, fin)
+    assert torch.equal(wd, w * mask)
+    x = torch.randn(n, fin, generator=gen)
+    gy = torch.randn(n, fout, generator=gen)
+    _close(K.csr_matmul(rp, ci, v, x, fout), x @ wd.T)
+    _close(K.csr_matmul_t(rp, ci, v, gy, fin), gy @ wd)
+    _close(K.csr_matmul_t(rp, ci, v, gy, fin, transpose=K.csr_transpose(rp, ci, fin)), gy @ wd)
+    _close(K.csr_sampled_grad(rp, ci, gy, x), (gy.T @ x)[mask])
+
+
+@pytest.mark.parametrize("b", [4, 8, 16])
+@pytest.mark.parametrize(
+    "n,nbi,nbo,d", [(1, 2, 3, 0.5), (37, 5, 4, 0.4), (200, 16, 9, 0.3), (13, 3, 2, 0.0)]
+)
+def test_bsr_kernels_match_dense(b, n, nbi, nbo, d, backend):
+    gen = torch.Generator().manual_seed(b * 100 + n)
+    fin, fout = nbi * b, nbo * b
+    w = torch.randn(fout, fin, generator=gen)
+    bm = torch.rand(nbo, nbi, generator=gen) < d
+    if d > 0 and nbo > 1:
+        bm[0] = True  # full block row
+        bm[1] = False  # empty block row
+    bp, bc, bl = K.dense_to_bsr(w, bm, b)
+    wd = K.bsr_to_dense(bp, bc, bl, fin)
+    full = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    assert torch.equal(wd, w * full)
+    x = torch.randn(n, fin, generator=gen)
+    gy = torch.randn(n, fout, generator=gen)
+    _close(K.bsr_matmul(bp, bc, bl, x, fout), x @ wd.T)
+    _close(K.bsr_matmul_t(bp, bc, bl, gy, fin), gy @ wd)
+    g = K.bsr_sampled_grad(bp, bc, gy, x)
+    assert g.shape == bl.shape
+    _close(K.bsr_to_dense(bp, bc, g, fin), (gy.T @ x) * full)
+
+
+def test_fast_path_matches_torch_fallback(backend):
+    if backend == "torch":
+        pytest.skip("compiled kernels not available")
+    gen = torch.Generator().manual_seed(7)
+    n, fin, fout = 333, 512, 384
+    x = torch.randn(n, fin, generator=gen)
+    gy = torch.randn(n, fout, generator=gen)
+    w = torch.randn(fout, fin, generator=gen)
+    rp, ci, v = K.dense_to_csr(w, _mask(fout, fin, 0.1, gen))
+    pairs = [
+        (K.csr_matmul(rp, ci, v, x, fout), R.csr_matmul(rp, ci, v, x, fout)),
+        (K.csr_matmul_t(rp, ci, v, gy, fin), R.csr_matmul_t(rp, ci, v, gy, fin)),
+        (K.csr_sampled_grad(rp, ci, gy, x), R.csr_sampled_grad(rp, ci, gy, x)),
+    ]
+    for b in (4, 8, 16):
+        bp, bc, bl = K.dense_to_bsr(w, torch.rand(fout // b, fin // b, generator=gen) < 0.2, b)
+        pairs += [
+            (K.bsr_matmul(bp, bc, bl, x, fout), R.bsr_matmul(bp, bc, bl, x, fout)),
+            (K.bsr_matmul_t(bp, bc, bl, gy, fin), R.bsr_matmul_t(bp, bc, bl, gy, fin)),
+            (K.bsr_sampled_grad(bp, bc, gy, x), R.bsr_sampled_grad(bp, bc, gy, x, b)),
+        ]
+    for fast, ref in pairs:
+        _close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_fallback_matches_dense(torch_backend):
+    assert K.available_backend() == "torch"
+    gen = torch.Generator().manual_seed(3)
+    n, fin, fout = 45, 64, 48
+    x = torch.randn(n, fin, generator=gen)
+    gy = torch.randn(n, fout, generator=gen)
+    w = torch.randn(fout, fin, generator=gen)
+    mask = _mask(fout, fin, 0.2, gen)
+    rp, ci, v = K.dense_to_csr(w, mask)
+    wd = w * mask
+    _close(K.csr_matmul(rp, ci, v, x, fout), x @ wd.T)
+    _close(K.csr_matmul_t(rp, ci, v, gy, fin), gy @ wd)
+    _close(K.csr_sampled_grad(rp, ci, gy, x), (gy.T @ x)[mask])
+    bp, bc, bl = K.dense_to_bsr(w, torch.rand(fout // 16, fin // 16, generator=gen) < 0.5, 16)
+    wd = K.bsr_to_dense(bp, bc, bl, fin)
+    _close(K.bsr_matmul(bp, bc, bl, x, fout), x @ wd.T)
+    _close(K.bsr_matmul_t(bp, bc, bl, gy, fin), gy @ wd)
+
+
+def test_validation_errors():
+    w = torch.randn(8, 12)
+    rp, ci, v = K.dense_to_csr(w, torch.rand(8, 12) < 0.5)
+    x = torch.randn(4, 12)
+    with pytest.raises(TypeError, match="float32"):
+        K.csr_matmul(rp, ci, v, x.double(), 8)
+    with pytest.raises(TypeError, match="int64"):
+        K.csr_matmul(rp.int(), ci, v, x, 8)
+    with pytest.raises(ValueError, match="entries"):
+        K.csr_matmul(rp, ci, v, x, 7)  # row_ptr length
+    with pytest.raises(ValueError, match="col_idx"):
+        K.csr_matmul(rp, ci, v, torch.randn(4, 5), 8)  # column index out of range
+    with pytest.raises(ValueError, match="differ"):
+        K.csr_matmul(rp, ci, v[:-1], x, 8)
+    with pytest.raises(ValueError, match="columns"):
+        K.csr_matmul_t(rp, ci, v, torch.randn(4, 9), 12)
+    with pytest.raises(ValueError, match="rows"):
+        K.csr_sampled_grad(rp, ci, torch.randn(3, 8), x)
+    with pytest.raises(ValueError, match="2-D"):
+        K.csr_matmul(rp, ci, v, x[0], 8)
+    bp, bc, bl = K.dense_to_bsr(torch.randn(16, 32), torch.ones(2, 4, dtype=torch.bool), 8)
+    with pytest.raises(ValueError, match="block size"):
+        K.dense_to_bsr(torch.randn(12, 12), torch.ones(2, 2, dtype=torch.bool), 6)
+    with pytest.raises(ValueError, match="multiple"):
+        K.bsr_matmul(bp, bc, bl, torch.randn(3, 30), 16)
+    with pytest.raises(ValueError, match="shape"):
+        K.bsr_matmul(bp, bc, bl[:, :, :4].contiguous(), torch.randn(3, 32), 16)
+    with pytest.raises(TypeError, match="float32"):
+        K.bsr_sampled_grad(bp, bc, torch.randn(3, 16).half(), torch.randn(3, 32))
+
+
+def test_env_var_selects_torch(monkeypatch):
+    monkeypatch.setenv("ALWAYSSPARSE_KERNELS", "torch")
+    assert _build.mode() == "torch"
+    monkeypatch.setenv("ALWAYSSPARSE_KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        _build.mode()
