@@ -171,3 +171,14 @@ def test_readme_setup_commands() -> None:
     assert len(setup) == 2
     assert setup[0].startswith('pip install "torch==2.13.0"') and "alwayssparse train" in setup[0]
     assert "pytest" in setup[1]
+
+
+def test_sparse_backend_run_matches_masked(tmp_path: Path) -> None:
+    masked = train(_tiny(tmp_path, train__steps=20), tmp_path / "m", progress=False, log=_quiet)
+    config = _tiny(tmp_path, train__steps=20)
+    config.sparsity.backend = "sparse"
+    sparse = train(config, tmp_path / "s", progress=False, log=_quiet)
+    assert sparse["valid_bpc"] == pytest.approx(masked["valid_bpc"], abs=1e-4)
+    assert sparse["parameters"] == masked["parameters"]
+    resumed = load_run_config(tmp_path / "s")
+    assert resumed.sparsity.backend == "sparse"

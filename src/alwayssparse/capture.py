@@ -35,7 +35,7 @@ def _conv_weight_grad(module: nn.Module) -> Callable[..., Tensor] | None:
 
 def _out_features(module: nn.Module) -> int:
     # Never read ``module.weight``: on a parametrized layer that builds the dense masked weight.
-    size = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    size = module.out_features if _is_linear(module) else module.out_channels
     assert isinstance(size, int)
     return size
 
@@ -107,8 +107,13 @@ class GradientCapture:
         self._handles.clear()
 
 
+def _is_linear(module: nn.Module) -> bool:
+    # The sparse backend's SparseLinear computes y = x W^T too.
+    return isinstance(module, nn.Linear) or getattr(module, "linear_like", False)
+
+
 def _check_supported(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
+    if _is_linear(module):
         return
     if _conv_weight_grad(module) is not None and getattr(module, "groups", 1) == 1:
         return
@@ -120,7 +125,7 @@ def _check_supported(name: str, module: nn.Module) -> None:
 
 def _weight_grad_rows(module: nn.Module, x: Tensor, g: Tensor, start: int, stop: int) -> Tensor:
     """Rows start:stop of dL/dW for one (input, output-gradient) pair."""
-    if isinstance(module, nn.Linear):
+    if _is_linear(module):
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         g2 = g.reshape(-1, g.shape[-1])[:, start:stop]  # [N, rows]
         return g2.transpose(0, 1) @ x2  # [rows, in]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
 from alwayssparse.methods import METHODS
 from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
@@ -57,6 +58,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             config.sparsity.topkast.backward_sparsity = backward
     if args.steps is not None:
         config.train.steps = args.steps
+    if args.backend is not None:
+        config.sparsity.backend = args.backend
     if args.text:
         config.data.name, config.data.paths = "text", list(args.text)
     if args.enwik8:
@@ -112,6 +115,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
     )
     parser.add_argument("--steps", type=int, help="number of optimizer steps")
+    parser.add_argument(
+        "--backend", choices=sorted(BACKENDS), help="masked (any layer) or sparse (real savings)"
+    )
     parser.add_argument("--text", nargs="+", metavar="PATH", help="train on these files/dirs")
     parser.add_argument("--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")

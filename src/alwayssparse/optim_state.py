@@ -17,7 +17,7 @@ SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.AdamW,
 )
 # Per-element state tensors of the supported optimizers ("step" is a per-tensor counter).
-_ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -35,7 +35,7 @@ def zero_state(optimizer: torch.optim.Optimizer, param: Tensor, mask: Tensor) ->
     state = optimizer.state.get(param)
     if not state:
         return  # no step taken yet: nothing to reset
-    for key in _ELEMENTWISE_STATE:
+    for key in ELEMENTWISE_STATE:
         value = state.get(key)
         if isinstance(value, Tensor) and value.shape == param.shape:
             value.masked_fill_(mask, 0)

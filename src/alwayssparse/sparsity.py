@@ -171,7 +171,12 @@ class Sparsity:
         self.generator = torch.Generator().manual_seed(seed)
         self._backend = make_backend(config.backend)
         self.tensors = self._backend.attach(
-            model, self.infos, self.target_densities, self.target_backward_densities
+            model,
+            self.infos,
+            self.target_densities,
+            self.target_backward_densities,
+            block=config.block_size,
+            reservoir=self.method.keeps_reservoir,
         )
         for t in self.tensors:
             t.block, t.block_norm = config.block_size, config.block_norm
@@ -182,9 +187,9 @@ class Sparsity:
             self._capture = GradientCapture(modules)
             self.method.attach_capture(self._capture)
         self.method.init_masks(self.tensors, self.generator)
-        self._backend.after_update(self.tensors)
         # Positions ever in A: the explored degrees of freedom (dynsparse-bert.md Fig. 5/11).
-        self.ever_active = {t.name: t.forward_mask.clone() for t in self.tensors}
+        self.ever_active = {t.name: self._backend.dense_masks(t)[0].clone() for t in self.tensors}
+        self._backend.after_update(self.tensors)
         self._prepare(0)
 
     # -- the training loop ----------------------------------------------------------------
@@ -206,17 +211,28 @@ class Sparsity:
         entries that entered or left B.
         """
         check_optimizer(optimizer)
+        self._backend.check_optimizer(self.tensors, optimizer)
         self._backend.refresh_views(self.tensors)
-        self._backend.before_update(self.tensors, optimizer)
+        learning_rates = self._learning_rates(optimizer)
+        updating = self.method.updates_at(step)
+        self._backend.before_update(
+            self.tensors, optimizer, changing=updating or self.config.group_lasso > 0
+        )
         if self.config.group_lasso > 0:
-            self._group_lasso(optimizer)
-        entered = self.method.update(step, self.tensors, self.generator)
+            for t in self.tensors:
+                apply_group_lasso(
+                    t,
+                    learning_rate=learning_rates[t.name],
+                    coefficient=self.config.group_lasso,
+                    weight_std=self.config.group_lasso_std,
+                )
+        entered = self.method.update(step, self.tensors, self.generator) if updating else {}
         for t in self.tensors:
             if t.name in entered:
                 # Entries that left B keep no stale history; entries that entered start afresh.
                 zero_state(optimizer, t.weight, ~t.grad_mask | entered[t.name])
-                self.ever_active[t.name] |= t.forward_mask
-        self._backend.after_update(self.tensors)
+                self.ever_active[t.name] |= self._backend.dense_masks(t)[0]
+        self._backend.after_update(self.tensors, optimizer)
         self._prepare(step + 1)
 
     def _prepare(self, upcoming: int) -> None:
@@ -226,24 +242,17 @@ class Sparsity:
             self._capture.clear()
             self._capture.active = self.method.needs_dense_gradient(upcoming)
 
-    def _group_lasso(self, optimizer: torch.optim.Optimizer) -> None:
-        learning_rates = {
-            id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]
-        }
-        for t in self.tensors:
-            apply_group_lasso(
-                t,
-                learning_rate=learning_rates.get(id(t.weight), 0.0),
-                coefficient=self.config.group_lasso,
-                weight_std=self.config.group_lasso_std,
-            )
+    def _learning_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """The current learning rate of each sparse tensor's trainable parameter."""
+        by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        return {t.name: by_id.get(id(self._backend.parameter(t)), 0.0) for t in self.tensors}
 
     # -- inspection -------------------------------------------------------------------------
 
     def masks(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Per sparse parameter name, the current (forward mask A, gradient mask B)."""
         self._backend.refresh_views(self.tensors)
-        return {t.name: (t.forward_mask, t.grad_mask) for t in self.tensors}
+        return {t.name: self._backend.dense_masks(t) for t in self.tensors}
 
     def densities(self) -> dict[str, tuple[float, float]]:
         """Per sparse parameter, the (forward, backward) density the masks hold right now."""

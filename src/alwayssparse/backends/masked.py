@@ -111,8 +111,13 @@ class MaskedBackend:
         infos: Sequence[ParamInfo],
         densities: dict[str, float],
         backward_densities: dict[str, float],
+        block: int = 1,
+        reservoir: bool = False,
     ) -> list[SparseTensor]:
-        """Install a :class:`MaskedWeight` on every sparse parameter of ``model``."""
+        """Install a :class:`MaskedWeight` on every sparse parameter of ``model``.
+
+        ``block`` and ``reservoir`` need nothing here: theta is dense, masks are per element.
+        """
         tensors = []
         for info in infos:
             if not info.sparse:
@@ -148,15 +153,31 @@ class MaskedBackend:
             t.grad_mask = entry.masked.grad_mask
             t.weight = entry.original
 
-    def before_update(
+    def dense_masks(self, t: SparseTensor) -> tuple[Tensor, Tensor]:
+        """(A, B) as dense bool tensors (they are stored that way)."""
+        return t.forward_mask, t.grad_mask
+
+    def parameter(self, t: SparseTensor) -> Tensor:
+        """The trainable tensor the optimizer holds for ``t``: theta itself."""
+        return t.weight
+
+    def check_optimizer(
         self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
     ) -> None:
-        """Undo whatever the optimizer step did outside B, values and optimizer state alike."""
+        """Nothing to check: the parameters are the user's own."""
+
+    def before_update(
+        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer, changing: bool
+    ) -> None:
+        """Undo whatever the optimizer step did outside B, values and optimizer state alike
+        (on every step, whether or not the masks change)."""
         for t in tensors:
             self._entries[t.name].masked.restore(t.weight)
             zero_state(optimizer, t.weight, ~t.grad_mask)
 
-    def after_update(self, tensors: Sequence[SparseTensor]) -> None:
+    def after_update(
+        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
         """Snapshot theta for the next :meth:`before_update`."""
         for t in tensors:
             self._entries[t.name].masked.snapshot(t.weight)

@@ -9,6 +9,7 @@ including the training step.
 Hooks:
     validate(sparsity): reject invalid options before training starts.
     setup(total_steps, block): resolve schedules once the run length is known.
+    updates_at(step): whether update() after optimizer step ``step`` may change anything.
     needs_dense_gradient(step): RigL asks for the inputs and output gradients of its layers.
     backward_sparsity_for(sparsity): global sparsity of B (Top-KAST: 1 - (D + M); others: S).
     init_masks(tensors, generator): write the initial A and B into every tensor, in place.
@@ -115,12 +116,17 @@ class Method:
     """Base class of sparse-training methods. Subclasses are dataclasses of their options."""
 
     name: ClassVar[str] = ""
+    keeps_reservoir: ClassVar[bool] = False  # theta outside B matters later (Top-KAST's set C)
 
     def validate(self, sparsity: float) -> None:
         """Raise ``ValueError`` naming the option if the configuration is invalid."""
 
     def setup(self, total_steps: int | None, block: int) -> None:
         """Resolve step-dependent options (schedules) once the run length is known."""
+
+    def updates_at(self, step: int) -> bool:
+        """Whether ``update(step, ...)`` may change any mask or weight (False: it is skipped)."""
+        return False
 
     def needs_dense_gradient(self, step: int) -> bool:
         """Whether the update after optimizer step ``step`` ranks by the dense gradient."""

@@ -71,6 +71,13 @@ class GMP(Method):
         else:
             self.stop = max(self.start_step + 1, round(self.stop_fraction * total_steps))
 
+    def backward_sparsity_for(self, sparsity: float) -> float:
+        """B = A, at its largest before pruning starts: the storage a sparse backend needs."""
+        return self.initial_sparsity
+
+    def updates_at(self, step: int) -> bool:
+        return self.is_update(step + 1)
+
     def density_at(self, t: SparseTensor, upcoming: int) -> float:
         """Target density of tensor ``t`` at step ``upcoming`` (the cubic schedule)."""
         final = 1.0 - t.density

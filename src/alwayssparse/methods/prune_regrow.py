@@ -131,6 +131,9 @@ class PruneRegrow(Method):
     def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
         init_random_masks(tensors, generator)
 
+    def updates_at(self, step: int) -> bool:
+        return self.schedule.is_update(step + 1)
+
     def update(
         self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
     ) -> dict[str, Tensor]:

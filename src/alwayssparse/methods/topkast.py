@@ -58,6 +58,7 @@ class TopKAST(Method):
     """
 
     name = "topkast"
+    keeps_reservoir = True
 
     backward_sparsity: float | None = None
     refresh_interval: int = 1
@@ -113,6 +114,10 @@ class TopKAST(Method):
     def exploring(self, step: int) -> bool:
         """Whether B\\A receives updates at optimizer step ``step``."""
         return self.exploration_stop_step is None or step < self.exploration_stop_step
+
+    def updates_at(self, step: int) -> bool:
+        upcoming = step + 1
+        return upcoming % self.refresh_interval == 0 or upcoming == self.exploration_stop_step
 
     def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
         self._refresh(tensors, generator, explore=self.exploring(0))

@@ -1,0 +1,190 @@
+"""The sparse backend against the masked backend, and its storage guarantees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alwayssparse import Sparsity
+from alwayssparse.backends import SparseLinear
+
+STEPS = 50
+# Per method: options giving several topology changes within STEPS. DynSparse uses 10 updates:
+# with one every step, Adam moves every regrown weight by ~lr, their magnitudes tie to within
+# rounding, and float32 rounding differences between the two backends flip which one is pruned.
+METHODS: dict[str, dict[str, Any]] = {
+    "static": {},
+    "topkast": {"backward_sparsity": 0.5, "exploration_coefficient": 1e-3},
+    "set": {"update_interval": 5},
+    "rigl": {"update_interval": 5},
+    "dynsparse": {"num_updates": 10},
+    "gmp": {"stop_step": 30, "update_interval": 5},
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+
+
+def train(backend: str, method: str, block: int, steps: int = STEPS, **extra: Any) -> dict:
+    model = make_model()
+    options = {**METHODS[method], **extra}
+    sp = Sparsity(model, method=method, sparsity=0.75, block_size=block, backend=backend,
+                  total_steps=steps, seed=1, **options)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    batches = torch.Generator().manual_seed(2)
+    losses = []
+    for step in range(steps):
+        x, y = torch.randn(64, 32, generator=batches), torch.randn(64, 32, generator=batches)
+        loss = F.mse_loss(model(x), y) + sp.regularizer()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step(step, optimizer)
+        losses.append(loss.item())
+    return {"losses": losses, "sp": sp, "model": model, "optimizer": optimizer}
+
+
+def effective_weights(run: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per sparse tensor: (theta on A, theta on B), dense, whatever the backend."""
+    sp: Sparsity = run["sp"]
+    out = {}
+    for t in sp.tensors:
+        a, b = sp.masks()[t.name]
+        if isinstance(t.module, SparseLinear):
+            out[t.name] = (t.module.dense_weight(), t.module.dense_weight(only_a=False))
+        else:
+            theta = t.weight.detach()
+            out[t.name] = (torch.where(a, theta, 0.0), torch.where(b, theta, 0.0))
+    return out
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sparse_backend_matches_masked(method: str, block: int) -> None:
+    masked = train("masked", method, block)
+    sparse = train("sparse", method, block)
+    # Tolerances: float32 rounding of different summation orders (observed <= 1.2e-7).
+    torch.testing.assert_close(sparse["losses"], masked["losses"], rtol=1e-5, atol=1e-5)
+    masks_m, masks_s = masked["sp"].masks(), sparse["sp"].masks()
+    for name in masks_m:
+        assert torch.equal(masks_m[name][0], masks_s[name][0]), name
+        assert torch.equal(masks_m[name][1], masks_s[name][1]), name
+    weights_m, weights_s = effective_weights(masked), effective_weights(sparse)
+    for name in weights_m:
+        torch.testing.assert_close(weights_s[name][0], weights_m[name][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights_s[name][1], weights_m[name][1], rtol=1e-4, atol=1e-5)
+    assert sparse["sp"].explored_dof() == masked["sp"].explored_dof()
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_storage_scales_with_density(block: int) -> None:
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    sp = Sparsity(model, method="set", sparsity=0.9, block_size=block, backend="sparse",
+                  total_steps=100)  # fmt: skip
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    assert len(layers) == 2
+    stored = sum(layer.values.numel() for layer in layers)
+    dense = 256 * 512 * 2
+    assert stored == pytest.approx(0.1 * dense, rel=0.02)
+    # No parameter or buffer of the model has the dense weight's size.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        assert tensor.numel() < 256 * 512 // 4
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 256)).sum().backward()
+    optimizer.step()
+    sp.step(0, optimizer)
+    for layer in layers:
+        assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+        state = optimizer.state[layer.values]
+        assert state["exp_avg"].shape == layer.values.shape == state["exp_avg_sq"].shape
+
+
+def test_topkast_reservoir_keeps_theta_outside_b() -> None:
+    run = train("sparse", "topkast", 1, steps=12)
+    sp: Sparsity = run["sp"]
+    reference = train("masked", "topkast", 1, steps=12)
+    for t, ref in zip(sp.tensors, reference["sp"].tensors, strict=True):
+        layer = t.module
+        assert isinstance(layer, SparseLinear) and layer.reservoir is not None
+        outside = ~reference["sp"].masks()[t.name][1]
+        torch.testing.assert_close(layer.reservoir[outside], ref.weight.detach()[outside])
+
+
+def test_grown_entries_start_with_zero_optimizer_state() -> None:
+    run = train("sparse", "set", 1, steps=5, stop_step=100)  # update after step 4 regrows
+    sp, optimizer = run["sp"], run["optimizer"]
+    for t in sp.tensors:
+        layer = t.module
+        assert isinstance(layer, SparseLinear)
+        state = optimizer.state[layer.values]
+        grown = layer.values.detach() == 0  # SET regrows at zero; survivors are nonzero
+        assert int(grown.sum()) > 0
+        assert bool((state["exp_avg"][grown] == 0).all())
+        assert bool((state["exp_avg_sq"][grown] == 0).all())
+        assert bool((state["exp_avg"][~grown] != 0).any())
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
+    full = train("sparse", "topkast", 1, steps=20, random_exploration=True)
+    first = train("sparse", "topkast", 1, steps=10, random_exploration=True)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": first["model"].state_dict(), "sparsity": first["sp"].state_dict(),
+                "optimizer": first["optimizer"].state_dict()}, path)  # fmt: skip
+    state = torch.load(path, weights_only=True)
+    model = make_model()
+    sp = Sparsity(model, method="topkast", sparsity=0.75, backend="sparse", seed=1,
+                  random_exploration=True, **METHODS["topkast"])  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    model.load_state_dict(state["model"])
+    sp.load_state_dict(state["sparsity"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches = torch.Generator().manual_seed(2)
+    for step in range(20):
+        x, y = torch.randn(64, 32, generator=batches), torch.randn(64, 32, generator=batches)
+        if step < 10:
+            continue  # the first ten batches were consumed before the checkpoint
+        loss = F.mse_loss(model(x), y) + sp.regularizer()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step(step, optimizer)
+    for name, (a, b) in full["sp"].masks().items():
+        assert torch.equal(sp.masks()[name][0], a) and torch.equal(sp.masks()[name][1], b)
+    for p, q in zip(model.parameters(), full["model"].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_export_gives_plain_linear_layers() -> None:
+    run = train("sparse", "static", 4, steps=3)
+    model, sp = run["model"], run["sp"]
+    expected = [t.module.dense_weight() for t in sp.tensors]
+    x = torch.randn(5, 32)
+    before = model(x)
+    sp.export()
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+    for layer, weight in zip((model[0], model[2]), expected, strict=True):
+        assert torch.equal(layer.weight, weight)
+    torch.testing.assert_close(model(x), before)
+
+
+def test_errors_are_clear() -> None:
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="supports nn.Linear"):
+        Sparsity(conv, method="static", backend="sparse")
+    with pytest.raises(ValueError, match="block_size in"):
+        Sparsity(make_model(), method="static", backend="sparse", block_size=2)
+    model = make_model()
+    early = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the dense weights
+    sp = Sparsity(model, method="static", backend="sparse")
+    model(torch.randn(2, 32)).sum().backward()
+    with pytest.raises(ValueError, match="build the optimizer after Sparsity"):
+        sp.step(0, early)
