@@ -21,7 +21,7 @@ def _tiny(tmp_path: Path, **overrides: object) -> RunConfig:
     text = "the quick brown fox jumps over the lazy dog. " * 400
     corpus.write_text(text)
     config = preset("tiny")
-    config.data.name, config.data.paths = "text", [str(corpus)]
+    config.lm.data.name, config.lm.data.paths = "text", [str(corpus)]
     for key, value in overrides.items():
         section, field = key.split("__")
         setattr(getattr(config, section), field, value)
@@ -101,8 +101,9 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
         (["sparsity.bogus=1"], "unknown config key 'sparsity.bogus'"),
         (["optim.name=lion"], "optim.name must be one of"),
         (["train.steps=0"], "train.steps must be >= 1"),
-        (["model.d_model=33"], "n_head"),
-        (["data.name=enwik8"], "data.paths is required"),
+        (["lm.model.d_model=33"], "n_head"),
+        (["lm.data.name=enwik8"], "data.paths is required"),
+        (["task=vision"], "task must be one of"),
     ],
 )
 def test_invalid_config_fails_before_training(
@@ -137,8 +138,8 @@ def test_cli_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "valid bpc" in out and "sparse" in out
     assert json.loads((run / "config.json").read_text())["sparsity"]["method"] == "static"
-    assert main(["config", "--preset", "tiny", "model.n_layer=3"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["n_layer"] == 3
+    assert main(["config", "--preset", "tiny", "lm.model.n_layer=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["lm"]["model"]["n_layer"] == 3
     assert main(["methods"]) == 0 and "topkast" in capsys.readouterr().out
     assert main(["presets"]) == 0 and "quickstart" in capsys.readouterr().out
 

@@ -61,9 +61,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if args.backend is not None:
         config.sparsity.backend = args.backend
     if args.text:
-        config.data.name, config.data.paths = "text", list(args.text)
+        config.lm.data.name, config.lm.data.paths = "text", list(args.text)
     if args.enwik8:
-        config.data.name, config.data.paths = "enwik8", [args.enwik8]
+        config.lm.data.name, config.lm.data.paths = "enwik8", [args.enwik8]
     apply_overrides(config, args.overrides)
     config.validate()
     return config

@@ -1,4 +1,4 @@
-"""Training a byte-level language model, dense or sparse, with a run directory.
+"""Training any task (model family), dense or sparse, with a run directory.
 
 The loop in :func:`train` reads top to bottom: data, model, sparsity, optimizer, then steps. The
 three sparsity lines are marked. A run directory holds:
@@ -7,7 +7,7 @@ three sparsity lines are marked. A run directory holds:
     layout.txt      which parameters are sparse or dense, and why
     metrics.jsonl   one JSON object per logged training step or evaluation
     checkpoint.pt   model (with masks), optimizer, sparsity and RNG state; resumes the run
-    summary.json    final validation/test bits per character, densities, parameter counts
+    summary.json    final validation/test metrics, densities, parameter counts
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from alwayssparse.config import from_dict, to_dict
-from alwayssparse.data import ByteDataConfig, ByteSplits, evaluate_bpc, load_byte_corpus
-from alwayssparse.data.bytes import random_batch
 from alwayssparse.methods import METHODS
-from alwayssparse.models import TransformerLM, TransformerLMConfig, lm_loss
+from alwayssparse.models import TransformerLMConfig
 from alwayssparse.schedules import sparse_learning_rate
 from alwayssparse.sparsity import Sparsity, SparsityConfig
+from alwayssparse.tasks import TASKS, LMConfig, Task
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -130,19 +129,24 @@ class LoopConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run: model, data, optimizer, loop, and sparsity (``sparsity.method="dense"``
-    trains the ordinary dense model)."""
+    """A whole run: the task and its section (model and data), optimizer, loop, and sparsity
+    (``sparsity.method="dense"`` trains the ordinary dense model)."""
 
-    model: TransformerLMConfig = field(default_factory=TransformerLMConfig)
-    data: ByteDataConfig = field(default_factory=ByteDataConfig)
+    task: str = "lm"
+    lm: LMConfig = field(default_factory=LMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
+    def task_config(self) -> Any:
+        """The section of the selected task."""
+        if self.task not in TASKS or not hasattr(self, self.task):
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        return getattr(self, self.task)
+
     def validate(self) -> None:
         """Check every section before anything is built; errors name the field."""
-        self.model.validate()
-        self.data.validate()
+        self.task_config().validate()
         self.optim.validate()
         self.train.validate()
         if self.sparsity.method != DENSE:
@@ -160,7 +164,7 @@ class RunConfig:
 def _quickstart() -> RunConfig:
     """Top-KAST (90% forward, 80% backward sparsity) on the standard-library corpus; ~2 min."""
     config = RunConfig()
-    config.model = TransformerLMConfig(n_layer=2, n_head=4, d_model=128, d_ff=512, context=128)
+    config.lm.model = TransformerLMConfig(n_layer=2, n_head=4, d_model=128, d_ff=512, context=128)
     config.sparsity.method = "topkast"
     config.sparsity.sparsity = 0.9
     config.sparsity.topkast.backward_sparsity = 0.8
@@ -170,8 +174,8 @@ def _quickstart() -> RunConfig:
 def _tiny() -> RunConfig:
     """A seconds-long run for smoke tests."""
     config = _quickstart()
-    config.model = TransformerLMConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, context=32)
-    config.data.max_bytes = 200_000
+    config.lm.model = TransformerLMConfig(n_layer=1, n_head=2, d_model=32, d_ff=64, context=32)
+    config.lm.data.max_bytes = 200_000
     config.train = LoopConfig(
         steps=30, batch_size=8, eval_interval=15, eval_batches=4, final_eval_batches=8,
         log_interval=5, checkpoint_interval=15,
@@ -281,20 +285,13 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 @torch.no_grad()
-def _bpc(model: TransformerLM, data: torch.Tensor, config: RunConfig, batches: int) -> float:
+def _evaluate(task: Task, model: nn.Module, split: str, batches: int) -> dict[str, float]:
     model.eval()
     # Cache alpha = theta * A once per evaluation instead of once per forward call.
     with parametrize.cached():
-        bpc = evaluate_bpc(
-            model,
-            data,
-            config.train.batch_size,
-            config.model.context,
-            max_batches=batches or None,
-            device=next(model.parameters()).device,
-        )
+        metrics = task.evaluate(model, split, batches or None)
     model.train()
-    return bpc
+    return {f"{split}_{key}": value for key, value in metrics.items()}
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -331,10 +328,10 @@ def train(
     peak_lr = base_learning_rate(config)
     torch.manual_seed(config.train.seed)
 
-    # Data and model.
-    splits: ByteSplits = load_byte_corpus(config.data)
-    log(f"data: {config.data.name}: {splits.describe()}")
-    model = TransformerLM(config.model).to(device)
+    # Task: data and model.
+    task = TASKS[config.task](config.task_config(), config.train.batch_size, device)
+    log(f"task {config.task}, data {task.describe_data()}")
+    model = task.build_model().to(device)
 
     # Sparsity line 1 of 3: make the model sparse (the layout table says what and why).
     sparsity = None
@@ -350,7 +347,7 @@ def train(
 
     start = 0
     if resume:
-        start = _load_checkpoint(checkpoint_path, model, optimizer, sparsity, batch_generator)
+        start = _load_checkpoint(checkpoint_path, model, optimizer, sparsity, batch_generator, task)
         log(f"resumed from {checkpoint_path} at step {start}")
     _write_json(to_dict(config), run_dir / "config.json")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -363,24 +360,24 @@ def train(
             "optimizer": optimizer.state_dict(),
             "sparsity": sparsity.state_dict() if sparsity is not None else None,
             "batch_generator": batch_generator.get_state(),
+            "task": task.state_dict(),
             "config": to_dict(config),
         }
         _atomic_save(state, checkpoint_path)
 
     steps = config.train.steps
-    tokens_per_step = config.train.batch_size * config.model.context
+    units_done = 0
     bar = tqdm(range(start, steps), disable=not progress, initial=start, total=steps)
     started = time.perf_counter()
-    last_time, last_step = started, start
+    last_time = started
     model.train()
     for step in bar:
         lr = learning_rate(step, steps, config.optim, peak_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = random_batch(splits.train, config.train.batch_size, config.model.context,
-                            batch_generator)  # fmt: skip
-        x, y = x.to(device), y.to(device)
-        loss = lm_loss(model(x), y)
+        batch = task.train_batch(batch_generator)
+        units_done += task.units(batch)
+        loss = task.loss(model, batch)
         # Sparsity line 2 of 3: the method's regulariser (Top-KAST's exploration loss).
         regularizer = sparsity.regularizer() if sparsity is not None else torch.zeros(())
         total_loss = loss + regularizer
@@ -396,19 +393,21 @@ def train(
         done = step + 1
         if done % config.train.log_interval == 0 or done == steps:
             now = time.perf_counter()
-            throughput = (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-            last_time, last_step = now, done
+            throughput = units_done / max(now - last_time, 1e-9)
+            last_time, units_done = now, 0
             record = {
                 "kind": "train", "step": done, "loss": loss.item(),
-                "bpc": loss.item() / math.log(2), "regularizer": regularizer.detach().item(),
-                "lr": lr, "tokens_per_second": throughput, **density_report(sparsity),
+                "regularizer": regularizer.detach().item(), "lr": lr,
+                f"{task.unit}_per_second": throughput, **density_report(sparsity),
             }  # fmt: skip
+            if task.metric == "bpc":
+                record["bpc"] = loss.item() / math.log(2)
             metrics.write(record)
-            bar.set_postfix(bpc=f"{record['bpc']:.3f}", tok_s=f"{throughput:,.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", per_s=f"{throughput:,.0f}")
         if done % config.train.eval_interval == 0 and done != steps:
-            valid = _bpc(model, splits.valid, config, config.train.eval_batches)
-            metrics.write({"kind": "eval", "step": done, "valid_bpc": valid})
-            log(f"step {done}: valid bpc {valid:.4f}")
+            valid = _evaluate(task, model, "valid", config.train.eval_batches)
+            metrics.write({"kind": "eval", "step": done, **valid})
+            log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
         if config.train.checkpoint_interval and done % config.train.checkpoint_interval == 0:
             save(done)
     bar.close()
@@ -418,13 +417,15 @@ def train(
     final = config.train.final_eval_batches
     summary: dict[str, Any] = {
         "steps": steps,
+        "task": config.task,
+        "metric": task.metric,
         "method": config.sparsity.method,
-        "valid_bpc": _bpc(model, splits.valid, config, final),
-        "test_bpc": _bpc(model, splits.test, config, final),
+        **_evaluate(task, model, "valid", final),
+        **_evaluate(task, model, "test", final),
         "train_seconds": wall,
         **density_report(sparsity),
         "parameters": sparsity.parameter_counts() if sparsity is not None else {
-            "total": model.num_parameters(),
+            "total": sum(p.numel() for p in model.parameters()),
         },
     }  # fmt: skip
     metrics.write({"kind": "final", **summary})
@@ -439,6 +440,7 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     sparsity: Sparsity | None,
     batch_generator: torch.Generator,
+    task: Task,
 ) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -448,15 +450,18 @@ def _load_checkpoint(
     if sparsity is not None:
         sparsity.load_state_dict(state["sparsity"])
     batch_generator.set_state(state["batch_generator"])
+    task.load_state_dict(state["task"])
     return int(state["step"])
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable closing lines of a run."""
     params = summary["parameters"]
+    metric = summary["metric"]
     lines = [
         f"method {summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f} s",
-        f"  valid bpc {summary['valid_bpc']:.4f}   test bpc {summary['test_bpc']:.4f}",
+        f"  valid {metric} {summary[f'valid_{metric}']:.4f}   "
+        f"test {metric} {summary[f'test_{metric}']:.4f}",
         f"  density used: forward {summary['forward_density']:.4f}, "
         f"backward {summary['backward_density']:.4f} (over sparse tensors); "
         f"explored {summary['explored_dof']:.4f} of sparse positions",
