@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from alwayssparse.cli import build_config, main, make_parser, parse_sparsity
-from alwayssparse.train import RunConfig, learning_rate, load_run_config, preset, train
+from alwayssparse.train import (
+    OptimConfig,
+    RunConfig,
+    learning_rate,
+    load_run_config,
+    preset,
+    train,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -149,6 +156,23 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate(0, 1000, config) == pytest.approx(config.lr / config.warmup_steps)
     assert learning_rate(config.warmup_steps, 1000, config) == pytest.approx(config.lr)
     assert learning_rate(1000, 1000, config) == pytest.approx(config.lr * config.min_lr_ratio)
+
+
+def test_learning_rate_linear_step_and_warmup_start() -> None:
+    # Transformer-XL: warm-up from 1e-7 to 2e-4 over 4000 steps (topkast.md appendix A).
+    xl = OptimConfig(lr=2e-4, warmup_steps=4000, warmup_initial_lr=1e-7)
+    assert learning_rate(0, 10_000, xl) == pytest.approx(1e-7 + (2e-4 - 1e-7) / 4000)
+    assert learning_rate(3999, 10_000, xl) == pytest.approx(2e-4)
+    # BERT: linear decay after warm-up; halfway through the decay -> half way to min.
+    bert = OptimConfig(lr=1e-3, warmup_steps=100, schedule="linear", min_lr_ratio=0.0)
+    assert learning_rate(100 + 450, 1000, bert) == pytest.approx(0.5e-3)
+    assert learning_rate(1000, 1000, bert) == pytest.approx(0.0)
+    # ResNet-50: x0.1 at 30%, 70%, 90% of the run (epochs 30, 70, 90 of ~100).
+    resnet = OptimConfig(lr=1.6, warmup_steps=5, schedule="step")
+    assert learning_rate(10, 100, resnet) == pytest.approx(1.6)
+    assert learning_rate(30, 100, resnet) == pytest.approx(0.16)
+    assert learning_rate(75, 100, resnet) == pytest.approx(0.016)
+    assert learning_rate(95, 100, resnet) == pytest.approx(0.0016)
 
 
 def _readme_blocks(language: str) -> list[str]:

@@ -34,7 +34,7 @@ from alwayssparse.sparsity import Sparsity, SparsityConfig
 from alwayssparse.tasks import TASKS, LMConfig, Task
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "linear", "step", "constant")
 DENSE = "dense"  # the method name of an ordinary dense run (no Sparsity object)
 CHECKPOINT_FORMAT = 1
 
@@ -51,9 +51,15 @@ class OptimConfig:
         beta1: Adam beta1, or SGD momentum.
         beta2: Adam beta2.
         eps: Adam epsilon.
-        warmup_steps: Linear warm-up from 0 to ``lr``.
-        schedule: ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step, or ``"constant"``.
-        min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine).
+        warmup_steps: Linear warm-up from ``warmup_initial_lr`` to ``lr``.
+        warmup_initial_lr: Where the warm-up starts (Transformer-XL: 1e-7).
+        schedule: After warm-up: ``"cosine"`` decay to ``min_lr_ratio * lr`` at the last step
+            (Transformer-XL), ``"linear"`` decay to ``min_lr_ratio * lr`` (BERT), ``"step"``
+            drops by ``drop_factor`` at the fractions ``drop_at`` of the run (ResNet-50: x0.1 at
+            epochs 30, 70, 90 of ~100), or ``"constant"``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine, linear).
+        drop_at: Fractions of the run where ``"step"`` multiplies the rate by ``drop_factor``.
+        drop_factor: The factor of each drop.
         grad_clip: Clip the global gradient norm to this (0 disables).
         sparsity_lr_scaling: Multiply ``lr`` by exp(1.969 s^2 + 0.2905 s) for sparsity s, the
             BERT paper's rule for the learning rate of sparse models (dynsparse-bert.md eq. 3).
@@ -66,8 +72,11 @@ class OptimConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     warmup_steps: int = 50
+    warmup_initial_lr: float = 0.0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    drop_at: list[float] = field(default_factory=lambda: [0.3, 0.7, 0.9])
+    drop_factor: float = 0.1
     grad_clip: float = 1.0
     sparsity_lr_scaling: bool = False
 
@@ -226,16 +235,26 @@ def base_learning_rate(config: RunConfig) -> float:
 
 
 def learning_rate(step: int, total: int, config: OptimConfig, peak: float | None = None) -> float:
-    """Linear warm-up over ``warmup_steps`` to ``peak`` (default ``config.lr``), then cosine
-    decay to ``min_lr_ratio * peak``."""
+    """The learning rate at optimizer step ``step`` of ``total``.
+
+    Linear warm-up over ``warmup_steps`` from ``warmup_initial_lr`` to ``peak`` (default
+    ``config.lr``), then the ``schedule``: cosine or linear decay to ``min_lr_ratio * peak``,
+    step drops, or constant.
+    """
     peak = config.lr if peak is None else peak
     if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
+        start = config.warmup_initial_lr
+        return start + (peak - start) * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return peak
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return peak * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+    if config.schedule == "step":
+        drops = sum(step >= fraction * total for fraction in config.drop_at)
+        return peak * config.drop_factor**drops
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    shape = (
+        0.5 * (1.0 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+    )
+    return peak * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape)
 
 
 def density_report(sparsity: Sparsity | None) -> dict[str, float]:
