@@ -180,6 +180,8 @@ def test_errors_are_clear() -> None:
     conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 4))
     with pytest.raises(ValueError, match="supports nn.Linear"):
         Sparsity(conv, method="static", backend="sparse")
+    with pytest.raises(ValueError, match="Wrap it"):
+        Sparsity(nn.Linear(8, 8), method="static", backend="sparse")
     with pytest.raises(ValueError, match="block_size in"):
         Sparsity(make_model(), method="static", backend="sparse", block_size=2)
     model = make_model()
@@ -188,3 +190,14 @@ def test_errors_are_clear() -> None:
     model(torch.randn(2, 32)).sum().backward()
     with pytest.raises(ValueError, match="build the optimizer after Sparsity"):
         sp.step(0, early)
+
+
+def test_build_optimizer_decays_stored_values() -> None:
+    from alwayssparse.train import OptimConfig, build_optimizer
+
+    model = make_model()
+    Sparsity(model, method="static", backend="sparse")
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert {id(m.values) for m in model if isinstance(m, SparseLinear)} <= decayed
+    assert all(id(m.bias) not in decayed for m in model if isinstance(m, SparseLinear))

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from alwayssparse.backends import SparseLinear
 from alwayssparse.config import from_dict, to_dict
 from alwayssparse.methods import METHODS
 from alwayssparse.models import TransformerLMConfig
@@ -215,11 +216,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer over all parameters, with weight decay on matrices only (as in GPT-2)."""
+    """The optimizer over all parameters, with weight decay on weight matrices only (as in
+    GPT-2): not on biases and norms. A sparse layer's stored values are weights too, even when
+    they are held as a 1-D list of entries."""
+    stored = {id(m.values) for m in model.modules() if isinstance(m, SparseLinear)}
     params = [p for p in model.parameters() if p.requires_grad]
+    decays = [p for p in params if p.dim() >= 2 or id(p) in stored]
+    decay_ids = {id(p) for p in decays}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": decays, "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0},
     ]
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)

@@ -222,6 +222,11 @@ class SparseBackend:
             if not info.sparse:
                 continue
             linear = model.get_submodule(info.module_name)
+            if not info.module_name:
+                raise ValueError(
+                    "backend 'sparse' replaces sparse layers inside a model; the model itself is "
+                    f"a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
+                )
             if type(linear) is not nn.Linear or info.attr != "weight":
                 raise ValueError(
                     f"backend 'sparse' supports nn.Linear weights; {info.name} belongs to "
