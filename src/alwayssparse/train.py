@@ -12,6 +12,7 @@ three sparsity lines are marked. A run directory holds:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,10 +30,17 @@ from tqdm import tqdm
 from alwayssparse.backends import SparseLinear
 from alwayssparse.config import from_dict, to_dict
 from alwayssparse.methods import METHODS
-from alwayssparse.models import TransformerLMConfig
+from alwayssparse.models import TransformerLMConfig, bert_config
+from alwayssparse.models.resnet import ResNetConfig
+from alwayssparse.models.transformer_xl import (
+    enwik8_large,
+    enwik8_small,
+    enwik8_tiny,
+    wikitext103_large,
+)
 from alwayssparse.schedules import sparse_learning_rate
 from alwayssparse.sparsity import Sparsity, SparsityConfig
-from alwayssparse.tasks import TASKS, LMConfig, Task
+from alwayssparse.tasks import TASKS, BertTaskConfig, ImageTaskConfig, LMConfig, Task, XLConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "step", "constant")
@@ -144,6 +152,9 @@ class RunConfig:
 
     task: str = "lm"
     lm: LMConfig = field(default_factory=LMConfig)
+    xl: XLConfig = field(default_factory=XLConfig)
+    bert: BertTaskConfig = field(default_factory=BertTaskConfig)
+    image: ImageTaskConfig = field(default_factory=ImageTaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -194,7 +205,121 @@ def _tiny() -> RunConfig:
     return config
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"quickstart": _quickstart, "tiny": _tiny}
+def _xl(model_config: Any, steps: int, batch: int, data: str = "enwik8") -> RunConfig:
+    """Transformer-XL with the optimiser of topkast.md appendix A: Adam, warm-up over 4000 steps
+    from 1e-7 to 2e-4, cosine decay, gradient clipping by global norm 0.25; Top-KAST (80%, 0%)."""
+    config = RunConfig(task="xl")
+    config.xl.model = model_config
+    if data == "enwik8":
+        config.xl.data.name = "enwik8"
+    config.optim = OptimConfig(name="adam", lr=2e-4, beta2=0.999, warmup_steps=4000,
+                               warmup_initial_lr=1e-7, schedule="cosine", min_lr_ratio=0.0,
+                               grad_clip=0.25)  # fmt: skip
+    config.train = LoopConfig(steps=steps, batch_size=batch, eval_interval=4000, eval_batches=50,
+                              final_eval_batches=0, checkpoint_interval=4000)  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "topkast", 0.8
+    config.sparsity.topkast.backward_sparsity = 0.0
+    return config
+
+
+def _enwik8_large() -> RunConfig:
+    """Transformer-XL 24L d1024 on enwik8 (Table 4, 277M); needs --enwik8 PATH."""
+    return _xl(enwik8_large(), steps=400_000, batch=22)
+
+
+def _enwik8_small() -> RunConfig:
+    """Transformer-XL d512 on enwik8 (Table 5, 69M); needs --enwik8 PATH."""
+    return _xl(enwik8_small(), steps=400_000, batch=22)
+
+
+def _wikitext103_large() -> RunConfig:
+    """Transformer-XL 18L d1024 on WikiText-103 (Table 4, 285M); needs xl.wikitext103=DIR."""
+    return _xl(wikitext103_large(), steps=200_000, batch=60, data="wikitext103")
+
+
+def _xl_tiny() -> RunConfig:
+    """A tiny Transformer-XL on the default corpus, Top-KAST (80%, 0%); ~1 min here."""
+    config = _xl(enwik8_tiny(), steps=300, batch=8, data="pystdlib")
+    config.xl.data.max_bytes = 1_000_000
+    config.optim.warmup_steps, config.optim.lr = 30, 1e-3
+    config.train.eval_interval, config.train.checkpoint_interval = 100, 100
+    config.train.final_eval_batches = 50
+    return config
+
+
+def _bert(size: str, steps: int = 100_000) -> RunConfig:
+    """BERT pre-training with dynsparse-bert.md appendix A: Adam (0.9, 0.999, eps 1e-6), weight
+    decay 0.01, linear warm-up over 10000 steps then linear decay, sequence length 128,
+    DynSparse at sparsity 0.9 on all non-embedding weights."""
+    config = RunConfig(task="bert")
+    config.bert.model = bert_config(size)
+    lr = {"medium": 2e-4, "base": 1e-4}.get(size, 4e-4)
+    config.optim = OptimConfig(name="adamw", lr=lr, beta2=0.999, eps=1e-6, weight_decay=0.01,
+                               warmup_steps=10_000, schedule="linear", min_lr_ratio=0.0,
+                               sparsity_lr_scaling=True)  # fmt: skip
+    config.train = LoopConfig(steps=steps, batch_size=256, eval_interval=5000,
+                              checkpoint_interval=5000, final_eval_batches=0)  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "dynsparse", 0.9
+    config.sparsity.dynsparse.init_std = 0.02
+    return config
+
+
+def _bert_tiny_here() -> RunConfig:
+    """BERT-Tiny shape (vocab 2000, seq 64) on standard-library text; seconds here."""
+    config = _bert("tiny", steps=100)
+    config.bert.model = bert_config("tiny", vocab_size=2000)
+    config.bert.max_seq_len = 64
+    config.optim.warmup_steps = 10
+    config.train = LoopConfig(steps=100, batch_size=16, eval_interval=50, eval_batches=4,
+                              final_eval_batches=8, checkpoint_interval=50)  # fmt: skip
+    return config
+
+
+def _resnet50() -> RunConfig:
+    """ResNet-50 (topkast.md supplementary B): SGD momentum 0.9, lr 1.6 x batch/4096 with a 5%
+    warm-up, x0.1 at 30/70/90% of the run, weight decay 1e-4, first/last layers dense,
+    Top-KAST (80%, 50%); needs image.path=DIR with image.format=folder."""
+    config = RunConfig(task="image")
+    config.image.model = ResNetConfig(arch="resnet50", num_classes=1000, in_channels=3)
+    config.image.format, config.image.image_size = "folder", 224
+    batch, steps = 256, 32_000 * 4096 // 256
+    config.optim = OptimConfig(name="sgd", lr=1.6 * batch / 4096, beta1=0.9,
+                               weight_decay=1e-4, warmup_steps=steps // 20, schedule="step",
+                               grad_clip=0.0)  # fmt: skip
+    config.train = LoopConfig(steps=steps, batch_size=batch, eval_interval=5000,
+                              checkpoint_interval=5000, final_eval_batches=0)  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "topkast", 0.8
+    config.sparsity.topkast.backward_sparsity = 0.5
+    config.sparsity.layout.dense_first_last = True
+    return config
+
+
+def _fashion_mnist() -> RunConfig:
+    """CIFAR-style ResNet-20 on Fashion-MNIST IDX files (image.path=DIR), Top-KAST (80%, 50%)."""
+    config = _resnet50()
+    config.image.model = ResNetConfig(arch="cifar_resnet20", num_classes=10, in_channels=1)
+    config.image.format = "idx"
+    config.optim.lr, config.optim.warmup_steps = 0.1, 50
+    config.train = LoopConfig(steps=1000, batch_size=128, eval_interval=250, eval_batches=20,
+                              checkpoint_interval=250, final_eval_batches=0)  # fmt: skip
+    return config
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "quickstart": _quickstart,
+    "tiny": _tiny,
+    "enwik8-xl-large": _enwik8_large,
+    "enwik8-xl-small": _enwik8_small,
+    "wikitext103-xl-large": _wikitext103_large,
+    "xl-tiny": _xl_tiny,
+    **{
+        f"bert-{size}": functools.partial(_bert, size)
+        for size in ("tiny", "mini", "small", "medium", "base")
+    },
+    "bert-tiny-here": _bert_tiny_here,
+    "resnet50-imagenet": _resnet50,
+    "resnet20-fashion-mnist": _fashion_mnist,
+}
 
 
 def preset(name: str) -> RunConfig:

@@ -1,0 +1,125 @@
+"""Image classification with ResNets (topkast.md section 4, supplementary B); top-1 accuracy.
+
+Data: Fashion-MNIST/MNIST IDX files, CIFAR-10 python batches, or a class-per-folder image
+directory; a stratified hold-out of the training images is the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alwayssparse.data.images import (
+    ImageBatches,
+    ImageSet,
+    channel_stats,
+    evaluate_accuracy,
+    holdout_split,
+    load_cifar10,
+    load_image_folder,
+    load_mnist_like,
+)
+from alwayssparse.models.resnet import ResNetConfig, build_resnet
+from alwayssparse.tasks.base import Task, register_task
+
+IMAGE_FORMATS = ("idx", "cifar10", "folder")
+
+
+@dataclass
+class ImageTaskConfig:
+    """Image classification task.
+
+    Attributes:
+        model: The ResNet (``arch`` resnet50, cifar_resnet20, ...; classes and channels).
+        format: ``"idx"`` (MNIST-like directory), ``"cifar10"`` (python batches directory) or
+            ``"folder"`` (``root/class/*.png``; ``image_size`` pixels).
+        path: The data directory.
+        image_size: Side of the images for ``"folder"``.
+        valid_fraction: Share of training images held out for validation.
+    """
+
+    model: ResNetConfig = field(
+        default_factory=lambda: ResNetConfig(arch="cifar_resnet20", num_classes=10, in_channels=1)
+    )
+    format: str = "idx"
+    path: str = ""
+    image_size: int = 224
+    valid_fraction: float = 0.1
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.format not in IMAGE_FORMATS:
+            raise ValueError(
+                f"image.format must be one of {list(IMAGE_FORMATS)}, got {self.format!r}"
+            )
+        if not self.path:
+            raise ValueError("image.path is required: the directory holding the images")
+
+
+@register_task
+class ImageTask(Task):
+    """Cross-entropy on augmented batches; top-1 accuracy on held-out and test images."""
+
+    name = "image"
+    unit = "images"
+    metric = "accuracy"
+
+    def __init__(self, config: ImageTaskConfig, batch_size: int, device: torch.device) -> None:
+        super().__init__(config, batch_size, device)
+        if config.format == "folder":
+            full = load_image_folder(config.path, config.image_size,
+                                     channels=config.model.in_channels)  # fmt: skip
+            train, test = holdout_split(full, 0.1, seed=1)
+        else:
+            splits = (
+                load_mnist_like(config.path)
+                if config.format == "idx"
+                else load_cifar10(config.path)
+            )
+            train, test = splits.train, splits.test
+        self.train_set, self.valid_set = holdout_split(train, config.valid_fraction)
+        self.test_set: ImageSet = test
+        self.mean, self.std = channel_stats(self.train_set.x)
+        self._batches: Iterator[tuple[Tensor, Tensor]] | None = None
+
+    def describe_data(self) -> str:
+        sizes = (len(self.train_set.y), len(self.valid_set.y), len(self.test_set.y))
+        return f"{self.config.format}: train/valid/test images {sizes}"
+
+    def build_model(self) -> nn.Module:
+        return build_resnet(self.config.model)
+
+    def train_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = iter(ImageBatches(self.train_set, self.batch_size, generator,
+                                                  train=True, mean=self.mean, std=self.std,
+                                                  device=self.device))  # fmt: skip
+            try:
+                return next(self._batches)
+            except StopIteration:  # next epoch: a fresh permutation
+                self._batches = None
+        raise ValueError("the training split has fewer images than one batch")
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    def units(self, batch: tuple[Tensor, Tensor]) -> int:
+        return int(batch[0].shape[0])
+
+    def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> dict[str, float]:
+        data = self.valid_set if split == "valid" else self.test_set
+        x, y = data.x, data.y
+        if max_batches is not None:
+            x, y = x[: max_batches * self.batch_size], y[: max_batches * self.batch_size]
+        accuracy = evaluate_accuracy(model, x, y, self.batch_size, mean=self.mean, std=self.std)
+        model.train()
+        return {"accuracy": accuracy}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

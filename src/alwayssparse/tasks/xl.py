@@ -1,0 +1,119 @@
+"""Transformer-XL language modelling (topkast.md section 5, supplementary A).
+
+Training walks the corpus in order with the segment-level recurrence memory of Dai et al.: the
+stream is cut into ``batch_size`` parallel rows, consecutive windows of ``tgt_len`` tokens are
+fed in order and each window attends to the cached hidden states (``mem_len``) of the previous
+ones. Evaluation runs over a whole split with the (longer) evaluation memory ``eval_mem_len``.
+Byte corpora report bits per character; WikiText-103 reports perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alwayssparse.data import ByteDataConfig, load_byte_corpus
+from alwayssparse.data.wikitext import OrderedSegments, evaluate_segments, load_wikitext103
+from alwayssparse.models.transformer_xl import TransformerXL, TransformerXLConfig, enwik8_tiny
+from alwayssparse.tasks.base import Task, register_task
+
+
+@dataclass
+class XLConfig:
+    """Transformer-XL task: the model, and either a byte corpus or WikiText-103.
+
+    Attributes:
+        model: Transformer-XL hyper-parameters (presets in ``models.transformer_xl``).
+        data: Byte corpus (pystdlib, text, enwik8) when ``wikitext103`` is empty.
+        wikitext103: Directory with ``wiki.{train,valid,test}.tokens``; word-level if given.
+        eval_batch_size: Parallel rows during evaluation.
+    """
+
+    model: TransformerXLConfig = field(default_factory=enwik8_tiny)
+    data: ByteDataConfig = field(default_factory=ByteDataConfig)
+    wikitext103: str = ""
+    eval_batch_size: int = 4
+
+    def validate(self) -> None:
+        self.model.validate()
+        if not self.wikitext103:
+            self.data.validate()
+        if self.eval_batch_size < 1:
+            raise ValueError(f"xl.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+
+@register_task
+class TransformerXLTask(Task):
+    """Ordered segments with recurrence memory; BPC for bytes, perplexity for words."""
+
+    name = "xl"
+    unit = "tokens"
+
+    def __init__(self, config: XLConfig, batch_size: int, device: torch.device) -> None:
+        super().__init__(config, batch_size, device)
+        if config.wikitext103:
+            vocab, splits = load_wikitext103(config.wikitext103)
+            if config.model.vocab_size != len(vocab):
+                raise ValueError(
+                    f"xl.model.vocab_size is {config.model.vocab_size} but the WikiText-103 "
+                    f"vocabulary built from the train split has {len(vocab)} tokens"
+                )
+            self.splits: Any = splits
+            self.words = True
+        else:
+            self.splits = load_byte_corpus(config.data)
+            self.words = False
+        self.metric = "ppl" if self.words else "bpc"  # type: ignore[misc]
+        self._segments = OrderedSegments(self.splits.train, batch_size, config.model.tgt_len)
+        self._position = 0
+        self._iterator = iter(self._segments)
+        self._mems: list[Tensor] | None = None
+
+    def describe_data(self) -> str:
+        return self.splits.describe()
+
+    def build_model(self) -> nn.Module:
+        return TransformerXL(self.config.model)
+
+    def train_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        try:
+            x, y = next(self._iterator)
+        except StopIteration:  # a new epoch starts from the beginning, with empty memory
+            self._iterator, self._position, self._mems = iter(self._segments), 0, None
+            x, y = next(self._iterator)
+        self._position += 1
+        return x.long().to(self.device), y.long().to(self.device)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        nll, self._mems = model(x, y, self._mems)
+        return nll.mean()
+
+    def units(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> dict[str, float]:
+        data = self.splits.valid if split == "valid" else self.splits.test
+        if max_batches is not None:  # a prefix of the split, for quick checks during training
+            limit = max_batches * self.config.eval_batch_size * self.config.model.tgt_len + 1
+            data = data[:limit]
+        nll = evaluate_segments(model, data, self.config.eval_batch_size,
+                                self.config.model.tgt_len, self.config.model.eval_mem_len,
+                                device=self.device)  # fmt: skip
+        if self.words:
+            return {"ppl": math.exp(nll), "nll": nll}
+        return {"bpc": nll / math.log(2), "nll": nll}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The data position; memories restart empty on resume (they are a cache of activations).
+        return {"position": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._iterator = iter(self._segments)
+        for _ in range(int(state["position"]) % max(1, len(self._segments))):
+            next(self._iterator)
+        self._position = int(state["position"])
