@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +59,19 @@ _MIN_DEFAULT_CORPUS_BYTES = 100_000
 
 
 @dataclass(frozen=True)
-class ByteSplits:
-    """Train / validation / test splits of a byte corpus.
+class Splits:
+    """Train / validation / test splits of a 1-D stream (bytes or token ids).
+
+    Subclasses fix the element type (``dtype``) and what an element is called (``unit``).
 
     Attributes:
-        train: 1-D ``torch.uint8`` tensor of training bytes.
-        valid: 1-D ``torch.uint8`` tensor of validation bytes.
-        test: 1-D ``torch.uint8`` tensor of test bytes.
+        train: 1-D tensor of training elements.
+        valid: 1-D tensor of validation elements.
+        test: 1-D tensor of test elements.
     """
+
+    dtype: ClassVar[torch.dtype] = torch.uint8
+    unit: ClassVar[str] = "bytes"
 
     train: Tensor
     valid: Tensor
@@ -74,19 +80,25 @@ class ByteSplits:
     def __post_init__(self) -> None:
         for name in ("train", "valid", "test"):
             split = getattr(self, name)
-            if split.dtype != torch.uint8 or split.dim() != 1:
+            if split.dtype != self.dtype or split.dim() != 1:
                 raise ValueError(
-                    f"{name} must be a 1-D torch.uint8 tensor, "
+                    f"{name} must be a 1-D {self.dtype} tensor, "
                     f"got dtype={split.dtype} shape={tuple(split.shape)}"
                 )
 
     def describe(self) -> str:
         """Returns a one-line human-readable summary of the split sizes."""
         sizes = (self.train.numel(), self.valid.numel(), self.test.numel())
+        u = self.unit
         return (
-            f"train: {sizes[0]:,} bytes | valid: {sizes[1]:,} bytes | "
-            f"test: {sizes[2]:,} bytes | total: {sum(sizes):,} bytes"
+            f"train: {sizes[0]:,} {u} | valid: {sizes[1]:,} {u} | "
+            f"test: {sizes[2]:,} {u} | total: {sum(sizes):,} {u}"
         )
+
+
+@dataclass(frozen=True)
+class ByteSplits(Splits):
+    """Train / validation / test splits of a byte corpus (1-D ``torch.uint8`` tensors)."""
 
 
 # --------------------------------------------------------------------------- helpers

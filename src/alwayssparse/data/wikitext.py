@@ -20,10 +20,12 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from alwayssparse.data.bytes import Splits
 
 __all__ = [
     "EOS",
@@ -205,32 +207,11 @@ class Vocab:
 
 
 @dataclass(frozen=True)
-class TokenSplits:
-    """Train / validation / test token-id streams.
+class TokenSplits(Splits):
+    """Train / validation / test token-id streams (1-D ``torch.long`` tensors)."""
 
-    Attributes:
-        train: 1-D ``torch.long`` tensor of training ids.
-        valid: 1-D ``torch.long`` tensor of validation ids.
-        test: 1-D ``torch.long`` tensor of test ids.
-    """
-
-    train: Tensor
-    valid: Tensor
-    test: Tensor
-
-    def __post_init__(self) -> None:
-        for name in ("train", "valid", "test"):
-            split = getattr(self, name)
-            if split.dtype != torch.long or split.dim() != 1:
-                raise ValueError(
-                    f"{name} must be a 1-D torch.long tensor, "
-                    f"got dtype={split.dtype} shape={tuple(split.shape)}"
-                )
-
-    def describe(self) -> str:
-        """Returns a one-line human-readable summary of the split sizes."""
-        sizes = (self.train.numel(), self.valid.numel(), self.test.numel())
-        return f"train: {sizes[0]:,} | valid: {sizes[1]:,} | test: {sizes[2]:,} tokens"
+    dtype: ClassVar[torch.dtype] = torch.long
+    unit: ClassVar[str] = "tokens"
 
 
 def _encode_file(path: Path, vocab: Vocab) -> Tensor:
