@@ -129,6 +129,25 @@ def csr_matmul(row_ptr, col_idx, values, x, out_features: int) -> torch.Tensor:
     return ext.csr_spmm(row_ptr, col_idx, values, x, out_features, 0)
 
 
+def _compressed_transpose(ptr, idx, n_cols: int):
+    """``(col_ptr, row_idx, perm)`` of a validated compressed pattern (CSR or block-CSR)."""
+    ext = _ext()
+    if ext is not None:
+        col_ptr, row_idx, perm = ext.compressed_transpose(ptr, idx, n_cols)
+        return col_ptr, row_idx, perm
+    return _ref._bsc_perm(ptr, idx, n_cols)
+
+
+def _checked_transpose(ptr, idx, n_cols: int, transpose, maker: str):
+    """The caller's cached ``transpose`` after a size check, or a freshly computed one."""
+    if transpose is None:
+        return _compressed_transpose(ptr, idx, n_cols)
+    col_ptr, row_idx, perm = transpose
+    if perm.numel() != idx.numel() or col_ptr.numel() != n_cols + 1:
+        raise ValueError(f"transpose does not match this pattern (use {maker})")
+    return col_ptr, row_idx, perm
+
+
 def csr_transpose(row_ptr, col_idx, in_features: int):
     """CSC copy of the pattern: ``(col_ptr, row_idx, perm)``, the CSR of ``W^T``.
 
@@ -141,11 +160,7 @@ def csr_transpose(row_ptr, col_idx, in_features: int):
     row_ptr, col_idx = _check_compressed(
         row_ptr, col_idx, row_ptr.numel() - 1, in_features, "row_ptr", "col_idx"
     )
-    ext = _ext()
-    if ext is not None:
-        col_ptr, row_idx, perm = ext.compressed_transpose(row_ptr, col_idx, in_features)
-        return col_ptr, row_idx, perm
-    return _ref._bsc_perm(row_ptr, col_idx, in_features)
+    return _compressed_transpose(row_ptr, col_idx, in_features)
 
 
 def csr_matmul_t(
@@ -170,12 +185,9 @@ def csr_matmul_t(
     ext = _ext()
     if ext is None:
         return _ref.csr_matmul_t(row_ptr, col_idx, values, grad_y, in_features)
-    if transpose is None:
-        col_ptr, row_idx, perm = ext.compressed_transpose(row_ptr, col_idx, in_features)
-    else:
-        col_ptr, row_idx, perm = transpose
-        if perm.numel() != values.numel() or col_ptr.numel() != in_features + 1:
-            raise ValueError("transpose does not match this pattern (use csr_transpose)")
+    col_ptr, row_idx, perm = _checked_transpose(
+        row_ptr, col_idx, in_features, transpose, "csr_transpose"
+    )
     return ext.csr_spmm(col_ptr, row_idx, values[perm], grad_y, in_features, 0)
 
 
@@ -244,11 +256,7 @@ def bsr_transpose(block_row_ptr, block_col, in_features: int, block_size: int):
     block_row_ptr, block_col = _check_compressed(
         block_row_ptr, block_col, block_row_ptr.numel() - 1, nbc, "block_row_ptr", "block_col"
     )
-    ext = _ext()
-    if ext is not None:
-        col_ptr, rows, perm = ext.compressed_transpose(block_row_ptr, block_col, nbc)
-        return col_ptr, rows, perm
-    return _ref._bsc_perm(block_row_ptr, block_col, nbc)
+    return _compressed_transpose(block_row_ptr, block_col, nbc)
 
 
 def bsr_matmul_t(
@@ -272,12 +280,9 @@ def bsr_matmul_t(
     ext = _ext()
     if ext is None:
         return _ref.bsr_matmul_t(block_row_ptr, block_col, blocks, grad_y, in_features)
-    if transpose is None:
-        col_ptr, rows, perm = ext.compressed_transpose(block_row_ptr, block_col, nbc)
-    else:
-        col_ptr, rows, perm = transpose
-        if perm.numel() != block_col.numel() or col_ptr.numel() != nbc + 1:
-            raise ValueError("transpose does not match this pattern (use bsr_transpose)")
+    col_ptr, rows, perm = _checked_transpose(
+        block_row_ptr, block_col, nbc, transpose, "bsr_transpose"
+    )
     # Kernel wants the blocks of W^T transposed, i.e. the blocks of W in block-CSC order.
     return ext.bsr_spmm(col_ptr, rows, blocks[perm], grad_y, in_features)
 
