@@ -121,10 +121,17 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self, only_a: bool = True) -> Tensor:
         """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
-        slots = self.patterns()[0 if only_a else 1].slots
-        dense = self.values.new_zeros(self.grid[0] * self.grid[1], self.block, self.block)
-        dense[self.units[slots]] = self.values.detach()[slots].reshape(-1, self.block, self.block)
-        return _from_units(dense, self.grid, self.block)
+        return self.scatter(self.patterns()[0 if only_a else 1].slots)
+
+    def scatter(self, slots: Tensor, base: Tensor | None = None) -> Tensor:
+        """A dense (out, in) copy of ``base`` (default zeros) with ``slots``' values written in."""
+        b = self.block
+        if base is None:
+            units = self.values.new_zeros(self.grid[0] * self.grid[1], b, b)
+        else:
+            units = _to_units(base, self.grid, b).clone()
+        units[self.units[slots]] = self.values.detach()[slots].reshape(-1, b, b)
+        return _from_units(units, self.grid, b).contiguous()
 
     def extra_repr(self) -> str:
         return (
@@ -312,15 +319,8 @@ class SparseBackend:
         for t in tensors:
             entry = self._entries[t.name]
             layer = entry.layer
-            theta = layer.reservoir if layer.reservoir is not None else None
-            units = torch.zeros(layer.grid[0] * layer.grid[1], layer.block, layer.block)
-            if theta is not None:
-                units = _to_units(theta, layer.grid, layer.block).clone()
-            live = layer.patterns()[1].slots
-            units[layer.units[live]] = layer.values.detach()[live].reshape(
-                -1, layer.block, layer.block
-            )
-            t.weight = _from_units(units, layer.grid, layer.block).contiguous()
+            # Top-KAST: theta outside B comes from the reservoir; other methods have none there.
+            t.weight = layer.scatter(layer.patterns()[1].slots, layer.reservoir)
             t.forward_mask, t.grad_mask = self.dense_masks(t)
             entry.dense_view = True
 
