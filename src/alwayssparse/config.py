@@ -89,12 +89,6 @@ def _locate(config: Any, key: str) -> tuple[Any, str]:
     return node, leaf
 
 
-def set_value(config: Any, key: str, value: Any) -> None:
-    """Set a dotted ``key`` to an already-typed ``value``."""
-    node, leaf = _locate(config, key)
-    setattr(node, leaf, value)
-
-
 def apply_overrides(config: T, overrides: Iterable[str]) -> T:
     """Apply ``"a.b=value"`` overrides in order, in place; return ``config``."""
     for item in overrides:

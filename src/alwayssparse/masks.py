@@ -94,12 +94,19 @@ def random_mask(shape: torch.Size | Sequence[int], k: int, generator: torch.Gene
     return topk_mask(scores, k)
 
 
+def scores_extending(base: Tensor, generator: torch.Generator) -> Tensor:
+    """Scores whose top-k (k >= ``base.sum()``) is ``base`` plus entries drawn at random.
+
+    Random scores lie in [0, 1) (drawn on the generator's device, so a seed gives the same
+    draw everywhere); 2.0 puts every entry of ``base`` ahead of all others.
+    """
+    scores = torch.rand(base.shape, generator=generator, device=generator.device)
+    return torch.where(base, 2.0, scores.to(base.device))
+
+
 def extend_mask_randomly(base: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """``base`` plus ``k - base.sum()`` further entries drawn uniformly from outside ``base``."""
-    scores = torch.rand(base.shape, generator=generator, device=generator.device)
-    # Random scores lie in [0, 1); 2.0 puts every entry of ``base`` ahead of all others.
-    scores = torch.where(base, torch.full_like(scores, 2.0), scores)
-    return topk_mask(scores, k)
+    return topk_mask(scores_extending(base, generator), k)
 
 
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:

@@ -21,8 +21,8 @@ Hooks:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -149,10 +149,6 @@ class Method:
     def regularizer(self, tensors: Sequence[SparseTensor]) -> Tensor | None:
         """An extra loss term over the sparse tensors, or ``None`` (the default)."""
         return None
-
-    def options(self) -> dict[str, Any]:
-        """The method's options as a plain dict (for configs and checkpoints)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alwayssparse.masks import global_topk_masks, topk_mask
+from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
 from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
 
 SELECTIONS = ("layer", "global")
@@ -168,11 +168,8 @@ class TopKAST(Method):
         if not explore:
             backward = forward
         elif self.random_exploration:
-            # Random scores in [0, 1) everywhere, 2.0 on A: top-k keeps A and draws B\A at random.
-            randomised = [
-                torch.where(a, 2.0, torch.rand(a.shape, generator=generator).to(a.device))
-                for a in forward
-            ]
+            # Top-k over these keeps A and draws B\A at random (per tensor or globally).
+            randomised = [scores_extending(a, generator) for a in forward]
             backward = self._select(randomised, [t.backward_count for t in tensors])
         else:
             backward = self._select(scores, [t.backward_count for t in tensors])
