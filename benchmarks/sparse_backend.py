@@ -22,8 +22,9 @@ Per row it prints:
 - memory: MiB of parameters + gradients + AdamW state (exp_avg, exp_avg_sq, step), summed as
   numel * element_size over the actual tensors in a separate, untimed step (gradients read just
   before ``zero_grad``); the ratio sparse/dense; the bound 1.5 x density x dense; and, apart, the
-  index buffers of the SparseLinear layers (``units``, ``in_a``, ``reservoir`` when present) and
-  the index structures they cache for the kernels (CSR/BSR pointers, columns, transpose).
+  index buffers of the SparseLinear layers (``units``, int32; ``in_a``; ``reservoir`` when
+  present) and the index structures they cache for the kernels (int64 CSR/BSR row pointers; int32
+  columns, slots and transpose).
   The masked backend's own buffers (two bool masks and a snapshot of theta) are not counted.
 
 Run (about 4 minutes on 2 idle cores; each row is printed as soon as it is measured):

@@ -56,16 +56,20 @@ CSR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
 @pytest.mark.parametrize("n,fin,fout,d", CSR_CASES)
-def test_csr_kernels_match_dense(n, fin, fout, d, backend):
+def test_csr_kernels_match_dense(n, fin, fout, d, index, backend):
     gen = torch.Generator().manual_seed(n * 1000 + fin)
     w = torch.randn(fout, fin, generator=gen)
     mask = _mask(fout, fin, d, gen)
     if d == 0.0:
         mask[:] = False
     rp, ci, v = K.dense_to_csr(w, mask)
+    ci = ci.to(index)
     wd = K.csr_to_dense(rp, ci, v, fin)
     assert torch.equal(wd, w * mask)
+    col_ptr, row_idx, perm = K.csr_transpose(rp, ci, fin)
+    assert row_idx.dtype == perm.dtype == index  # the transpose keeps the index width
     x = torch.randn(n, fin, generator=gen)
     gy = torch.randn(n, fout, generator=gen)
     _close(K.csr_matmul(rp, ci, v, x, fout), x @ wd.T)
@@ -74,11 +78,12 @@ def test_csr_kernels_match_dense(n, fin, fout, d, backend):
     _close(K.csr_sampled_grad(rp, ci, gy, x), (gy.T @ x)[mask])
 
 
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
 @pytest.mark.parametrize("b", [4, 8, 16])
 @pytest.mark.parametrize(
     "n,nbi,nbo,d", [(1, 2, 3, 0.5), (37, 5, 4, 0.4), (200, 16, 9, 0.3), (13, 3, 2, 0.0)]
 )
-def test_bsr_kernels_match_dense(b, n, nbi, nbo, d, backend):
+def test_bsr_kernels_match_dense(b, n, nbi, nbo, d, index, backend):
     gen = torch.Generator().manual_seed(b * 100 + n)
     fin, fout = nbi * b, nbo * b
     w = torch.randn(fout, fin, generator=gen)
@@ -87,6 +92,7 @@ def test_bsr_kernels_match_dense(b, n, nbi, nbo, d, backend):
         bm[0] = True  # full block row
         bm[1] = False  # empty block row
     bp, bc, bl = K.dense_to_bsr(w, bm, b)
+    bc = bc.to(index)
     wd = K.bsr_to_dense(bp, bc, bl, fin)
     full = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)
     assert torch.equal(wd, w * full)
@@ -135,6 +141,7 @@ def test_torch_fallback_matches_dense(torch_backend):
     rp, ci, v = K.dense_to_csr(w, mask)
     wd = w * mask
     _close(K.csr_matmul(rp, ci, v, x, fout), x @ wd.T)
+    _close(K.csr_matmul(rp, ci.int(), v, x, fout), x @ wd.T)  # int32 columns are widened
     _close(K.csr_matmul_t(rp, ci, v, gy, fin), gy @ wd)
     _close(K.csr_sampled_grad(rp, ci, gy, x), (gy.T @ x)[mask])
     bp, bc, bl = K.dense_to_bsr(w, torch.rand(fout // 16, fin // 16, generator=gen) < 0.5, 16)
@@ -150,7 +157,9 @@ def test_validation_errors():
     with pytest.raises(TypeError, match="float32"):
         K.csr_matmul(rp, ci, v, x.double(), 8)
     with pytest.raises(TypeError, match="int64"):
-        K.csr_matmul(rp.int(), ci, v, x, 8)
+        K.csr_matmul(rp.int(), ci, v, x, 8)  # row pointers are always int64
+    with pytest.raises(TypeError, match="torch.int32 or torch.int64"):
+        K.csr_matmul(rp, ci.short(), v, x, 8)
     with pytest.raises(ValueError, match="entries"):
         K.csr_matmul(rp, ci, v, x, 7)  # row_ptr length
     with pytest.raises(ValueError, match="col_idx"):

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alwayssparse import Sparsity
 from alwayssparse.backends import SparseLinear
+from alwayssparse.backends.sparse import CompactStorage
+from alwayssparse.methods import TopKAST
 
 STEPS = 50
 # Per method: options giving several topology changes within STEPS. DynSparse uses 10 updates:
@@ -82,6 +88,135 @@ def test_sparse_backend_matches_masked(method: str, block: int) -> None:
         torch.testing.assert_close(weights_s[name][0], weights_m[name][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(weights_s[name][1], weights_m[name][1], rtol=1e-4, atol=1e-5)
     assert sparse["sp"].explored_dof() == masked["sp"].explored_dof()
+
+
+# Options that take other branches of the unit-space updates: regrown weights drawn from a
+# truncated normal (written unit by unit), random Top-KAST exploration, exploration that
+# stops between refreshes, the group-lasso step on compact values.
+VARIANTS: list[tuple[str, int, dict[str, Any]]] = [
+    ("set", 4, {"regrow_std": 0.05}),
+    ("dynsparse", 1, {"init_std": 0.02, "regrow_std": 0.02}),
+    ("topkast", 4, {"random_exploration": True}),
+    ("topkast", 1, {"refresh_interval": 4, "exploration_stop_step": 22}),
+    ("dynsparse", 4, {"group_lasso": 0.5}),
+    ("rigl", 4, {"gradient_chunk_elements": 200}),
+]
+
+
+@pytest.mark.parametrize(("method", "block", "options"), VARIANTS)
+def test_sparse_backend_matches_masked_variants(
+    method: str, block: int, options: dict[str, Any]
+) -> None:
+    masked = train("masked", method, block, steps=30, **options)
+    sparse = train("sparse", method, block, steps=30, **options)
+    torch.testing.assert_close(sparse["losses"], masked["losses"], rtol=1e-5, atol=1e-5)
+    masks_m, masks_s = masked["sp"].masks(), sparse["sp"].masks()
+    for name in masks_m:
+        assert torch.equal(masks_m[name][0], masks_s[name][0]), name
+        assert torch.equal(masks_m[name][1], masks_s[name][1]), name
+    weights_m, weights_s = effective_weights(masked), effective_weights(sparse)
+    for name in weights_m:
+        torch.testing.assert_close(weights_s[name][1], weights_m[name][1], rtol=1e-4, atol=1e-5)
+    assert sparse["sp"].explored_dof() == masked["sp"].explored_dof()
+
+
+# -- no dense intermediate on update steps ---------------------------------------------------
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records every tensor an op creates with at least ``limit`` elements.
+
+    Views and in-place results share an input's storage and are not allocations. ``inside``
+    marks the records made while Top-KAST ranks its reservoir (the allowed exception).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.inside = False
+        self.records: list[tuple[str, tuple[int, ...], bool]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if (
+                isinstance(t, Tensor)
+                and t.numel() >= self.limit
+                and t.untyped_storage().data_ptr() not in inputs
+            ):
+                self.records.append((str(func), tuple(t.shape), self.inside))
+        return out
+
+
+@contextmanager
+def _ranking(log: _LargeAllocations) -> Iterator[None]:
+    log.inside = True
+    try:
+        yield
+    finally:
+        log.inside = False
+
+
+UPDATE_EVERY_STEP: dict[str, dict[str, Any]] = {
+    "set": {"update_interval": 1, "drop_schedule": "constant"},
+    "dynsparse": {"update_interval": 1, "drop_schedule": "constant", "regrow_std": 0.02},
+    "rigl": {"update_interval": 1, "drop_schedule": "constant",
+             "gradient_chunk_elements": 256 * 512 // 8},
+    "gmp": {"update_interval": 1, "initial_sparsity": 0.5, "stop_step": 6},
+    "topkast": {"refresh_interval": 1},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [1, 16])
+@pytest.mark.parametrize("method", sorted(UPDATE_EVERY_STEP))
+def test_updates_allocate_nothing_of_the_weight_size(
+    method: str, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    sp = Sparsity(model, method=method, sparsity=0.9, block_size=block, backend="sparse",
+                  total_steps=20, **UPDATE_EVERY_STEP[method])  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    log = _LargeAllocations(limit=256 * 512)
+    # Top-KAST ranks theta of the whole tensor on the host (its grid scores and top-k).
+    grid_scores, select = CompactStorage.grid_scores, TopKAST._select
+
+    def ranked_scores(self: CompactStorage) -> Tensor:
+        with _ranking(log):
+            return grid_scores(self)
+
+    def ranked_select(self: TopKAST, scores: list[Tensor], counts: list[int]) -> list[Tensor]:
+        with _ranking(log):
+            return select(self, scores, counts)
+
+    monkeypatch.setattr(CompactStorage, "grid_scores", ranked_scores)
+    monkeypatch.setattr(TopKAST, "_select", ranked_select)
+    changed = 0
+    for step in range(6):
+        x = torch.randn(32, 256)
+        F.mse_loss(model(x), x).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = {name: b.clone() for name, (_, b) in sp.masks().items()}
+        assert sp.method.updates_at(step)
+        with log:
+            sp.step(step, optimizer)
+        changed += sum(not torch.equal(b, sp.masks()[name][1]) for name, b in before.items())
+    assert changed > 0  # the updates really did change the topology
+    outside = [r for r in log.records if not r[2]]
+    assert outside == [], outside
+    ranked = [r for r in log.records if r[2]]
+    if method == "topkast":
+        # Per tensor and refresh, exactly one: |theta| of the reservoir, from which the grid
+        # scores come (numpy's partition copy inside the top-k is not a torch op).
+        assert len(ranked) == 2 * 6 and all(r[0] == "aten.abs.default" for r in ranked), ranked
+    else:
+        assert ranked == []
 
 
 @pytest.mark.parametrize("block", [1, 16])
@@ -184,6 +319,8 @@ def test_errors_are_clear() -> None:
         Sparsity(nn.Linear(8, 8), method="static", backend="sparse")
     with pytest.raises(ValueError, match="block_size in"):
         Sparsity(make_model(), method="static", backend="sparse", block_size=2)
+    with pytest.raises(ValueError, match="selection='layer'"):
+        Sparsity(make_model(), method="topkast", backend="sparse", selection="global")
     model = make_model()
     early = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the dense weights
     sp = Sparsity(model, method="static", backend="sparse")

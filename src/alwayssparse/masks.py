@@ -109,6 +109,57 @@ def extend_mask_randomly(base: Tensor, k: int, generator: torch.Generator) -> Te
     return topk_mask(scores_extending(base, generator), k)
 
 
+def sample_outside(taken: Tensor, size: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct indices drawn uniformly from ``[0, size)`` minus ``taken``, sorted.
+
+    Works in index space with O(k + len(taken)) memory, never a mask or a score tensor of
+    ``size`` entries, so a sparse layer can regrow without a dense intermediate. With
+    m = size - len(taken) free indices:
+
+    - ranks: k distinct ranks in [0, m). If 4k >= m, the first k of a random permutation of the
+      m ranks (O(m) <= O(4k) memory); otherwise uniform draws with replacement, keeping the
+      first k distinct values in draw order (a uniformly random k-subset), drawn in rounds of
+      ``need + need // 4 + 16`` until k are distinct (about k^2 / 2m repeats are expected);
+    - rank -> index: with ``taken`` sorted, g_i = taken_i - i counts the free indices before
+      taken_i (non-decreasing), and the r-th free index is r + #{i : g_i <= r}.
+
+    The draws depend only on (size, len(taken), k) and the generator, so two processes holding
+    the same ``taken`` draw the same indices.
+
+    Args:
+        taken: Sorted, distinct int64 indices in ``[0, size)`` that must not be drawn.
+        size: Size of the index space.
+        k: Number of indices to draw, ``0 <= k <= size - len(taken)``.
+        generator: Source of randomness (consumed on its own device, results on the CPU).
+    """
+    free = size - taken.numel()
+    if not 0 <= k <= free:
+        raise ValueError(f"cannot draw {k} of the {free} indices outside the taken ones")
+    device = generator.device
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    if 4 * k >= free:
+        ranks = torch.randperm(free, generator=generator, device=device)[:k].cpu()
+    else:
+        drawn = torch.empty(0, dtype=torch.long)
+        while True:
+            distinct = torch.unique(drawn).numel()
+            if distinct >= k:
+                break
+            need = k - distinct
+            more = torch.randint(free, (need + need // 4 + 16,), generator=generator, device=device)
+            drawn = torch.cat([drawn, more.cpu()])
+        values, inverse = torch.unique(drawn, return_inverse=True)
+        order = torch.arange(drawn.numel())
+        first = torch.full((values.numel(),), drawn.numel()).scatter_reduce_(
+            0, inverse, order, "amin"
+        )
+        ranks = values[torch.argsort(first)[:k]]
+    ranks, _ = torch.sort(ranks)
+    gaps = taken.cpu() - torch.arange(taken.numel())
+    return ranks + torch.searchsorted(gaps, ranks, right=True)
+
+
 def global_topk_masks(scores: Sequence[Tensor], k: int) -> list[Tensor]:
     """Top-``k`` over the concatenation of several tensors, returned as one mask per tensor.
 
@@ -181,3 +232,39 @@ def collapse_blocks(mask: Tensor, block: int) -> Tensor:
     matrix = matrix_view(mask)
     rows, cols = matrix.shape
     return matrix.reshape(rows // block, block, cols // block, block).any(dim=3).any(dim=1)
+
+
+def unit_tiles(tensor: Tensor, block: int) -> Tensor:
+    """A (rows / b, b, cols / b, b) *view* of the matrix view of ``tensor``.
+
+    ``unit_tiles(t, b)[r, :, c, :]`` is unit u = r * (cols / b) + c of the block grid, so
+    gathering or writing units by index needs no dense temporary (writes go to ``tensor``).
+    """
+    rows = tensor.shape[0]
+    cols = tensor.numel() // max(rows, 1)
+    return tensor.view(rows // block, block, cols // block, block)
+
+
+def gather_units(tensor: Tensor, units: Tensor, block: int) -> Tensor:
+    """The (n, b, b) tiles of ``tensor`` at the flat block-grid indices ``units``."""
+    tiles = unit_tiles(tensor, block)
+    grid_cols = tiles.shape[2]
+    return tiles[torch.div(units, grid_cols, rounding_mode="floor"), :, units % grid_cols, :]
+
+
+def write_units(tensor: Tensor, units: Tensor, block: int, values: Tensor | float) -> None:
+    """``tensor``'s tiles at ``units`` = ``values`` ((n, b, b) or a scalar), in place."""
+    tiles = unit_tiles(tensor, block)
+    grid_cols = tiles.shape[2]
+    rows, cols = torch.div(units, grid_cols, rounding_mode="floor"), units % grid_cols
+    tiles[rows, :, cols, :] = values
+
+
+def tile_norms(tiles: Tensor, norm: str) -> Tensor:
+    """Block importance (:func:`block_norms`) of each of n stacked (b, b) tiles: shape (n,).
+
+    Both backends score stored units with this one function on the same (n, b, b) layout, so
+    their scores agree bit for bit whenever the weights do.
+    """
+    n, block = tiles.shape[0], tiles.shape[-1]
+    return block_norms(tiles.reshape(n * block, block), block, norm).reshape(n)

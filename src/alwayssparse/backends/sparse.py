@@ -2,12 +2,16 @@
 
 Each sparse ``nn.Linear`` is replaced by a :class:`SparseLinear` that holds
 
-- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B (entries,
-  or b x b blocks), in CSR/BSR order; its size (the *capacity*) is fixed for the whole run, so the
-  optimizer keeps the same parameter object and its state (momentum, Adam moments) exists only for
-  stored entries;
-- ``units``: the sorted flat indices of the stored units on the block grid (-1 for unused slots,
-  which only gradual magnitude pruning leaves as it shrinks);
+- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B, in
+  CSR/BSR order: shape (capacity,) for entries, (capacity * b, b) for b x b blocks (slot s is
+  rows s*b .. s*b + b - 1, one block, so block norms and the group-lasso step of the dense code
+  apply to it unchanged). Its size (the *capacity*) is fixed for the whole run, so the optimizer
+  keeps the same parameter object and its state (momentum, Adam moments) exists only for stored
+  entries;
+- ``units``: the sorted flat indices of the stored units on the block grid in the first slots,
+  -1 for unused slots (which only gradual magnitude pruning leaves as it shrinks); int32 (int64
+  only for grids of 2^31 units or more), as are the cached kernel indices (column indices,
+  transposes, slots; CSR row pointers stay int64), so indices cost 4 bytes per stored unit;
 - ``in_a``: which slots belong to the forward set A;
 - ``reservoir`` (Top-KAST only): theta of the whole tensor on the host (paper section 2.4: the
   top-k can be computed off the accelerator). Only the entries outside B are read from it.
@@ -18,10 +22,16 @@ Training step (kernels in :mod:`alwayssparse.kernels`, no dense weight or weight
     input gradient  gx = grad_y @ W_A          transposed sparse product
     weight gradient gv = (grad_y^T @ x)[B]     sampled dense-dense product at B's positions
 
-Mask updates: methods run their hooks on a host-side dense view of theta and the masks that is
-built only on update steps (:meth:`SparseBackend.before_update`) and compacted back afterwards,
-carrying each surviving entry's value and optimizer state to its new slot; entries that enter B
-start with zero optimizer state. Between updates no dense tensor exists.
+Mask updates run in unit space (:class:`alwayssparse.methods.base.UnitStorage`): the methods read
+B's sorted unit indices, A's flags and the block norms of the stored values, and hand back the
+new sorted units; :class:`CompactStorage` rebuilds the slots from them, carrying each surviving
+unit's value and optimizer state to its new slot (units that enter B start with zero optimizer
+state, and theta from the reservoir, or zero without one). Prune/regrow, RigL and GMP updates
+allocate O(capacity) memory, nothing of the weight's size; a Top-KAST refresh writes the stored
+values into the reservoir in place and ranks it (the grid scores and the top-k's temporaries, see
+:mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view of
+the layer (while the dense ``nn.Linear`` still exists), and only :meth:`SparseBackend.dense_masks`
+and :meth:`SparseLinear.dense_weight` (inspection, export) build dense tensors afterwards.
 """
 
 from __future__ import annotations
@@ -35,11 +45,24 @@ from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.layout import ParamInfo
-from alwayssparse.masks import collapse_blocks, count_for_density, expand_blocks
+from alwayssparse.masks import (
+    block_norms,
+    collapse_blocks,
+    count_for_density,
+    expand_blocks,
+    gather_units,
+    tile_norms,
+    write_units,
+)
 from alwayssparse.methods.base import SparseTensor
 from alwayssparse.optim_state import ELEMENTWISE_STATE
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
+
+
+def index_dtype(size: int) -> torch.dtype:
+    """The narrowest supported index dtype for indices below ``size``."""
+    return torch.int32 if size < 2**31 else torch.int64
 
 
 @dataclass
@@ -84,74 +107,94 @@ class SparseLinear(nn.Module):
         )
         self.grid = (linear.out_features // block, linear.in_features // block)
         weight = linear.weight.detach()
-        shape = (capacity,) if block == 1 else (capacity, block, block)
+        shape = (capacity,) if block == 1 else (capacity * block, block)
         self.values = nn.Parameter(weight.new_zeros(shape))
         self.bias = linear.bias
-        self.register_buffer("units", torch.full((capacity,), -1, dtype=torch.long))
+        self.index_dtype = index_dtype(max(self.grid[0] * self.grid[1], capacity))
+        self.register_buffer("units", torch.full((capacity,), -1, dtype=self.index_dtype))
         self.register_buffer("in_a", torch.zeros(capacity, dtype=torch.bool))
         self.reservoir: Tensor | None
         self.register_buffer("reservoir", weight.to("cpu", copy=True) if reservoir else None)
         self._patterns: tuple[_Pattern, _Pattern] | None = None
+        self._slot_masks: tuple[Tensor, Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module.invalidate())
+
+    @property
+    def capacity(self) -> int:
+        return self.units.numel()
 
     def invalidate(self) -> None:
         """Forget the cached index structures (after the units change)."""
         self._patterns = None
+        self._slot_masks = None
+
+    def stored(self) -> int:
+        """Number of used slots (they come first, in unit order)."""
+        return int(torch.count_nonzero(self.units >= 0))
+
+    def tiles(self) -> Tensor:
+        """``values`` as (capacity, b, b) blocks (a view; (capacity, 1, 1) for entries)."""
+        return self.values.view(self.capacity, self.block, self.block)
 
     def patterns(self) -> tuple[_Pattern, _Pattern]:
         """(A's pattern, B's pattern), built once per topology."""
         if self._patterns is None:
-            live = torch.nonzero(self.units >= 0).squeeze(1)
-            in_a = live[self.in_a[live]]
+            live = torch.arange(self.stored(), dtype=self.index_dtype)
+            in_a = live[self.in_a[: live.numel()]]
             a_ptr, a_cols = _compress(self.units[in_a], *self.grid)
-            b_ptr, b_cols = _compress(self.units[live], *self.grid)
             if self.block == 1:
                 a_t = kernels.csr_transpose(a_ptr, a_cols, self.in_features)
             else:
                 a_t = kernels.bsr_transpose(a_ptr, a_cols, self.in_features, self.block)
-            self._patterns = (_Pattern(in_a, a_ptr, a_cols, a_t), _Pattern(live, b_ptr, b_cols))
+            pattern_a = _Pattern(in_a, a_ptr, a_cols, a_t)
+            if in_a.numel() == live.numel():
+                # A = B (every method but Top-KAST): one set of index arrays serves both.
+                pattern_b = _Pattern(in_a, a_ptr, a_cols)
+            else:
+                pattern_b = _Pattern(live, *_compress(self.units[live], *self.grid))
+            self._patterns = (pattern_a, pattern_b)
         return self._patterns
+
+    def slot_masks(self) -> tuple[Tensor, Tensor]:
+        """(A, B) per slot, broadcast to the shape of ``values``; cached per topology."""
+        if self._slot_masks is None:
+            self._slot_masks = (self._per_slot(self.in_a), self._per_slot(self.units >= 0))
+        return self._slot_masks
+
+    def _per_slot(self, mask: Tensor) -> Tensor:
+        rows = mask.repeat_interleave(self.block) if self.block > 1 else mask
+        return rows.view(-1, *([1] * (self.values.dim() - 1))).expand(self.values.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         y = _SparseLinearFunction.apply(x2, self.values, self)  # [N, out]
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)  # in place: the kernel's output is fresh and not saved
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def dense_weight(self, only_a: bool = True) -> Tensor:
         """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
-        return self.scatter(self.patterns()[0 if only_a else 1].slots)
+        slots = self.patterns()[0 if only_a else 1].slots
+        weight = self.values.new_zeros(self.out_features, self.in_features)
+        write_units(weight, self.units[slots], self.block, self.tiles().detach()[slots])
+        return weight
 
-    def scatter(self, slots: Tensor, base: Tensor | None = None) -> Tensor:
-        """A dense (out, in) copy of ``base`` (default zeros) with ``slots``' values written in."""
-        b = self.block
-        if base is None:
-            units = self.values.new_zeros(self.grid[0] * self.grid[1], b, b)
-        else:
-            units = _to_units(base, self.grid, b).clone()
-        units[self.units[slots]] = self.values.detach()[slots].reshape(-1, b, b)
-        return _from_units(units, self.grid, b).contiguous()
+    def sync_reservoir(self) -> Tensor:
+        """Write the stored values into the reservoir (in place): it then holds all of theta."""
+        if self.reservoir is None:
+            raise RuntimeError(
+                "this layer keeps no reservoir: only theta at its stored units exists "
+                "(methods that rank the whole tensor set keeps_reservoir)"
+            )
+        n = self.stored()
+        write_units(self.reservoir, self.units[:n], self.block, self.tiles().detach()[:n])
+        return self.reservoir
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"block={self.block}, capacity={self.units.numel()}"
+            f"block={self.block}, capacity={self.capacity}"
         )
-
-
-def _from_units(units: Tensor, grid: tuple[int, int], block: int) -> Tensor:
-    """(rows*cols, b, b) unit tensor -> (rows*b, cols*b) matrix."""
-    rows, cols = grid
-    return (
-        units.reshape(rows, cols, block, block).transpose(1, 2).reshape(rows * block, cols * block)
-    )
-
-
-def _to_units(matrix: Tensor, grid: tuple[int, int], block: int) -> Tensor:
-    """(rows*b, cols*b) matrix -> (rows*cols, b, b) unit tensor."""
-    rows, cols = grid
-    return matrix.reshape(rows, block, cols, block).transpose(1, 2).reshape(-1, block, block)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -161,7 +204,11 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, layer: SparseLinear) -> Tensor:
         pattern_a, pattern_b = layer.patterns()
-        a_values = values[pattern_a.slots]
+        tiles = values if layer.block == 1 else values.view(-1, layer.block, layer.block)
+        n_a = pattern_a.slots.numel()
+        # A = B: A's slots are the first ones, so a view replaces the gather.
+        same = n_a == pattern_b.slots.numel()
+        a_values = tiles[:n_a] if same else tiles[pattern_a.slots]
         ctx.save_for_backward(x, a_values)
         ctx.layer, ctx.patterns = layer, (pattern_a, pattern_b)
         if layer.block == 1:
@@ -188,9 +235,112 @@ class _SparseLinearFunction(torch.autograd.Function):
             else:
                 sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, grad_y, x,
                                                    block_size=layer.block)  # fmt: skip
-            grad_values = torch.zeros_like(layer.values)
-            grad_values[pattern_b.slots] = sampled
+            # Used slots come first in unit order, so B's slots are 0..n-1.
+            if sampled.numel() == layer.values.numel():
+                grad_values = sampled.view_as(layer.values)
+            else:
+                grad_values = torch.zeros_like(layer.values)
+                grad_values.view(-1)[: sampled.numel()] = sampled.view(-1)
         return grad_x, grad_values, None
+
+
+class CompactStorage:
+    """:class:`alwayssparse.methods.base.UnitStorage` of a :class:`SparseLinear`: mask updates
+    read and rebuild the stored slots directly.
+
+    Memory of an update: O(capacity) (new values, one carried copy per optimizer state tensor,
+    index arrays); :meth:`grid_scores` alone ranks the whole tensor (Top-KAST's reservoir).
+    """
+
+    def __init__(self, layer: SparseLinear, tensor: SparseTensor) -> None:
+        self.layer, self.tensor = layer, tensor
+        self.optimizer: torch.optim.Optimizer | None = None  # set on every Sparsity.step
+
+    def units(self) -> tuple[Tensor, Tensor]:
+        n = self.layer.stored()
+        return self.layer.units[:n].long(), self.layer.in_a[:n]
+
+    def unit_scores(self) -> Tensor:
+        tiles = self.layer.tiles().detach()[: self.layer.stored()]
+        return tile_norms(tiles, self.tensor.block_norm)
+
+    def grid_scores(self) -> Tensor:
+        layer = self.layer
+        return block_norms(layer.sync_reservoir(), layer.block, self.tensor.block_norm)
+
+    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> Tensor:
+        layer = self.layer
+        n = units.numel()
+        if n > layer.capacity:
+            raise RuntimeError(
+                f"{self.tensor.name}: {n} units in B exceed the capacity {layer.capacity} "
+                "fixed when the layer was built"
+            )
+        units, in_a = units.to(torch.long).cpu(), in_a.to(torch.bool).cpu()
+        old_n = layer.stored()
+        source, target = _survivors(layer.units[:old_n].long(), units)
+        tiles = layer.tiles().detach()
+        new_tiles = torch.zeros_like(tiles)
+        if layer.reservoir is not None:
+            # Units entering B take theta from the reservoir (survivors' values included).
+            layer.sync_reservoir()
+            if zeroed is not None and zeroed.numel():
+                write_units(layer.reservoir, zeroed.cpu(), layer.block, 0.0)
+            new_tiles[:n] = gather_units(layer.reservoir, units, layer.block)
+        else:
+            new_tiles[target] = tiles[source]  # new units start at zero
+            if zeroed is not None and zeroed.numel():
+                hit, where = _lookup(units, zeroed.cpu())
+                new_tiles[where[hit]] = 0.0
+        with torch.no_grad():
+            self._carry_state(source, target)
+            tiles.copy_(new_tiles)
+            layer.units.fill_(-1)
+            layer.units[:n] = units
+            layer.in_a.zero_()
+            layer.in_a[:n] = in_a
+        layer.invalidate()
+        self.tensor.forward_mask, self.tensor.grad_mask = layer.slot_masks()
+        entered = torch.zeros(layer.capacity, dtype=torch.bool)
+        entered[:n] = True
+        entered[target] = False
+        return layer._per_slot(entered)
+
+    def write(self, units: Tensor, values: Tensor) -> None:
+        layer = self.layer
+        found, slots = _lookup(layer.units[: layer.stored()].long(), units.cpu().long())
+        if not bool(found.all()):
+            raise ValueError(f"{self.tensor.name}: can only write units that are stored")
+        with torch.no_grad():
+            layer.tiles()[slots] = values.to(layer.values).view(-1, layer.block, layer.block)
+
+    def _carry_state(self, source: Tensor, target: Tensor) -> None:
+        """Optimizer state follows the survivors to their new slots; every other slot is 0."""
+        if self.optimizer is None:
+            return
+        values = self.layer.values
+        state = self.optimizer.state.get(values, {})
+        for key in ELEMENTWISE_STATE:
+            value = state.get(key)
+            if isinstance(value, Tensor) and value.shape == values.shape:
+                tiles = value.view(self.layer.tiles().shape)
+                carried = torch.zeros_like(tiles)
+                carried[target] = tiles[source]
+                tiles.copy_(carried)
+
+
+def _lookup(sorted_units: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+    """(found, position): where each of ``query`` sits in the sorted ``sorted_units``."""
+    if sorted_units.numel() == 0:
+        return torch.zeros_like(query, dtype=torch.bool), torch.zeros_like(query)
+    position = torch.searchsorted(sorted_units, query).clamp(max=sorted_units.numel() - 1)
+    return sorted_units[position] == query, position
+
+
+def _survivors(old_units: Tensor, new_units: Tensor) -> tuple[Tensor, Tensor]:
+    """(old slots, new slots) of the units stored both before and after an update."""
+    found, position = _lookup(old_units, new_units)
+    return position[found], torch.nonzero(found).squeeze(1)
 
 
 @dataclass
@@ -198,6 +348,7 @@ class _Entry:
     parent: nn.Module
     attr: str
     layer: SparseLinear
+    storage: CompactStorage
     dense_view: bool = False  # whether the SparseTensor currently holds host-side dense views
 
 
@@ -253,32 +404,33 @@ class SparseBackend:
             setattr(parent, attr, layer)
             weight = linear.weight.detach().clone()
             full = torch.ones_like(weight, dtype=torch.bool)
-            self._entries[info.name] = _Entry(parent, attr, layer, dense_view=True)
-            tensors.append(
-                SparseTensor(
-                    name=info.name, weight=weight, density=densities[info.name],
-                    backward_density=backward_densities[info.name], forward_mask=full,
-                    grad_mask=full.clone(), block=block, module=layer,
-                )
+            tensor = SparseTensor(
+                name=info.name, weight=weight, density=densities[info.name],
+                backward_density=backward_densities[info.name], forward_mask=full,
+                grad_mask=full.clone(), block=block, module=layer,
             )  # fmt: skip
+            storage = CompactStorage(layer, tensor)
+            self._entries[info.name] = _Entry(parent, attr, layer, storage, dense_view=True)
+            tensors.append(tensor)
         return tensors
 
     # -- views ---------------------------------------------------------------------------------
 
     def refresh_views(self, tensors: Sequence[SparseTensor]) -> None:
-        """Compact views: ``weight`` is the ``values`` parameter, masks are per slot."""
+        """Compact views: ``weight`` is the ``values`` parameter, masks are per slot, and the
+        methods update through the layer's :class:`CompactStorage`."""
         for t in tensors:
             entry = self._entries[t.name]
             if entry.dense_view:
                 continue
             layer = entry.layer
-            shape = layer.values.shape
+            entry.storage.tensor = t
             t.weight = layer.values
-            t.forward_mask = _per_slot(layer.in_a, shape)
-            t.grad_mask = _per_slot(layer.units >= 0, shape)
+            t.forward_mask, t.grad_mask = layer.slot_masks()
+            t.compact = entry.storage
 
     def dense_masks(self, t: SparseTensor) -> tuple[Tensor, Tensor]:
-        """(A, B) as dense bool tensors of the weight's shape."""
+        """(A, B) as dense bool tensors of the weight's shape (inspection only)."""
         entry = self._entries[t.name]
         if entry.dense_view:
             return t.forward_mask, t.grad_mask
@@ -313,55 +465,34 @@ class SparseBackend:
     def before_update(
         self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer, changing: bool
     ) -> None:
-        """On update steps, give the method dense host views of theta, A and B."""
-        if not changing:
-            return
+        """Nothing to restore (entries outside B do not exist); give the compact storages the
+        optimizer, whose state they carry when the slots are rebuilt."""
         for t in tensors:
-            entry = self._entries[t.name]
-            layer = entry.layer
-            # Top-KAST: theta outside B comes from the reservoir; other methods have none there.
-            t.weight = layer.scatter(layer.patterns()[1].slots, layer.reservoir)
-            t.forward_mask, t.grad_mask = self.dense_masks(t)
-            entry.dense_view = True
+            self._entries[t.name].storage.optimizer = optimizer
 
     def after_update(
         self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer | None = None
     ) -> None:
-        """Compact the dense views back into the stored slots, carrying optimizer state."""
+        """Compact the initial dense views into the stored slots; refresh the views."""
         for t in tensors:
             entry = self._entries[t.name]
+            entry.storage.optimizer = None
             if entry.dense_view:
-                self._compact(t, entry.layer, optimizer)
+                self._compact(t, entry.layer)
                 entry.dense_view = False
         self.refresh_views(tensors)
 
-    def _compact(
-        self, t: SparseTensor, layer: SparseLinear, optimizer: torch.optim.Optimizer | None
-    ) -> None:
-        grad_units = collapse_blocks(t.grad_mask, layer.block).reshape(-1)
-        new_units = torch.nonzero(grad_units).squeeze(1)  # sorted
-        capacity = layer.units.numel()
-        if new_units.numel() > capacity:
-            raise RuntimeError(
-                f"{t.name}: {new_units.numel()} units in B exceed capacity {capacity}"
-            )
+    def _compact(self, t: SparseTensor, layer: SparseLinear) -> None:
+        """Fill the slots from the dense host view of the initial masks (no optimizer yet)."""
+        new_units = torch.nonzero(collapse_blocks(t.grad_mask, layer.block).reshape(-1))
+        new_units = new_units.squeeze(1)  # sorted
         n = new_units.numel()
+        if n > layer.capacity:
+            raise RuntimeError(f"{t.name}: {n} units in B exceed capacity {layer.capacity}")
         in_a = collapse_blocks(t.forward_mask, layer.block).reshape(-1)[new_units]
-        theta_units = _to_units(t.weight.detach(), layer.grid, layer.block)
-        new_values = torch.zeros_like(layer.values)
-        new_values[:n] = theta_units[new_units].reshape(new_values[:n].shape)
-        source, target = self._survivors(layer, new_units)
         with torch.no_grad():
-            if optimizer is not None:
-                # Survivors carry their optimizer state to their new slot; new units start at 0.
-                state = optimizer.state.get(layer.values, {})
-                for key in ELEMENTWISE_STATE:
-                    value = state.get(key)
-                    if isinstance(value, Tensor) and value.shape == layer.values.shape:
-                        carried = torch.zeros_like(value)
-                        carried[target] = value[source]
-                        value.copy_(carried)
-            layer.values.copy_(new_values)
+            layer.values.zero_()
+            layer.tiles()[:n] = gather_units(t.weight.detach(), new_units, layer.block)
             layer.units.fill_(-1)
             layer.units[:n] = new_units
             layer.in_a.zero_()
@@ -369,18 +500,6 @@ class SparseBackend:
             if layer.reservoir is not None:
                 layer.reservoir.copy_(t.weight.detach())
         layer.invalidate()
-
-    @staticmethod
-    def _survivors(layer: SparseLinear, new_units: Tensor) -> tuple[Tensor, Tensor]:
-        """(old slots, new slots) of the units stored both before and after an update."""
-        old_slots = torch.nonzero(layer.units >= 0).squeeze(1)
-        old_units = layer.units[old_slots]  # sorted
-        if old_units.numel() == 0 or new_units.numel() == 0:
-            empty = torch.empty(0, dtype=torch.long)
-            return empty, empty
-        position = torch.searchsorted(old_units, new_units).clamp(max=old_units.numel() - 1)
-        found = old_units[position] == new_units
-        return old_slots[position[found]], torch.nonzero(found).squeeze(1)
 
     def export(self, model: nn.Module) -> None:
         """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere."""
@@ -393,8 +512,3 @@ class SparseBackend:
                 linear.bias = layer.bias
             setattr(entry.parent, entry.attr, linear)
         self._entries.clear()
-
-
-def _per_slot(mask: Tensor, shape: torch.Size) -> Tensor:
-    """A per-slot bool broadcast to the shape of ``values`` ((cap,) or (cap, b, b))."""
-    return mask.view(-1, *([1] * (len(shape) - 1))).expand(shape)

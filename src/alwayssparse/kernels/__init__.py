@@ -11,7 +11,9 @@ weight gradient (SDDMM)      ``gv[k] = (grad_y^T @ x)[row(k), col(k)]`` :func:`c
 ===========================  ===========================================================
 
 (and the ``bsr_*`` counterparts).  No function ever materialises a dense weight or weight
-gradient.  Results do not depend on the backend beyond float32 rounding (~1e-6 relative).
+gradient.  Row pointers are int64; column indices may be int32 (half the index memory) or
+int64, and a pattern's transpose keeps the dtype of its column indices.  Results do not depend
+on the backend beyond float32 rounding (~1e-6 relative).
 
 Backends (see :func:`available_backend`): a C++ extension compiled just in time on first use
 (needs ``ninja`` and a C++17 compiler; cached per user), or a pure-PyTorch fallback selected with
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 BLOCK_SIZES = (4, 8, 16)
+INDEX_DTYPES = (torch.int32, torch.int64)  # column indices; row pointers are int64
 
 
 def _ext():
@@ -57,11 +60,13 @@ def available_backend() -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _tensor(t, name: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
+def _tensor(t, name: str, dtype: torch.dtype | tuple[torch.dtype, ...], dim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}, got {t.dtype}")
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
     if t.layout != torch.strided:
@@ -73,7 +78,7 @@ def _tensor(t, name: str, dtype: torch.dtype, dim: int) -> torch.Tensor:
 
 def _check_compressed(ptr, idx, n_rows: int, n_cols: int, ptr_name: str, idx_name: str):
     ptr = _tensor(ptr, ptr_name, torch.int64, 1)
-    idx = _tensor(idx, idx_name, torch.int64, 1)
+    idx = _tensor(idx, idx_name, INDEX_DTYPES, 1)
     if ptr.numel() != n_rows + 1:
         raise ValueError(f"{ptr_name} must have {n_rows + 1} entries, got {ptr.numel()}")
     nnz = idx.numel()
@@ -232,7 +237,7 @@ def bsr_matmul(block_row_ptr, block_col, blocks, x, out_features: int) -> torch.
     """Forward ``y = x @ W^T`` for BSR ``W``; returns (N, out_features)."""
     out_features = _check_int(out_features, "out_features")
     x = _check_dense(x, "x")
-    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    block_col = _tensor(block_col, "block_col", INDEX_DTYPES, 1)
     blocks = _check_blocks(blocks, block_col.numel())
     b = blocks.shape[1]
     nbr = _check_features(out_features, b, "out_features")
@@ -267,7 +272,7 @@ def bsr_matmul_t(
     ``transpose`` may be the (cached) result of :func:`bsr_transpose` for this pattern.
     """
     in_features = _check_int(in_features, "in_features")
-    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    block_col = _tensor(block_col, "block_col", INDEX_DTYPES, 1)
     blocks = _check_blocks(blocks, block_col.numel())
     b = blocks.shape[1]
     block_row_ptr = _tensor(block_row_ptr, "block_row_ptr", torch.int64, 1)
@@ -372,7 +377,7 @@ def dense_to_bsr(weight, block_mask, b: int):
 
 def bsr_to_dense(block_row_ptr, block_col, blocks, in_features: int) -> torch.Tensor:
     """Dense ``(out, in)`` matrix of a BSR structure."""
-    block_col = _tensor(block_col, "block_col", torch.int64, 1)
+    block_col = _tensor(block_col, "block_col", INDEX_DTYPES, 1)
     blocks = _check_blocks(blocks, block_col.numel())
     b = blocks.shape[1]
     nbc = _check_features(in_features, b, "in_features")

@@ -1,6 +1,7 @@
 """Pure-PyTorch implementations of the sparse kernels (fallback and test reference).
 
-Inputs are assumed validated by :mod:`alwayssparse.kernels`.
+Inputs are assumed validated by :mod:`alwayssparse.kernels`. Column indices may be int32; torch's
+sparse tensors want them in the dtype of the row pointers (int64), so they are widened here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _quiet(fn):
 
 @_quiet
 def csr_matmul(row_ptr, col_idx, values, x, out_features):
+    col_idx = col_idx.long()
     n, k = x.shape
     if values.numel() == 0 or n == 0:
         return x.new_zeros(n, out_features)
@@ -37,6 +39,7 @@ def csr_matmul(row_ptr, col_idx, values, x, out_features):
 
 @_quiet
 def csr_matmul_t(row_ptr, col_idx, values, grad_y, in_features):
+    col_idx = col_idx.long()
     n, m = grad_y.shape
     if values.numel() == 0 or n == 0:
         return grad_y.new_zeros(n, in_features)
@@ -47,6 +50,7 @@ def csr_matmul_t(row_ptr, col_idx, values, grad_y, in_features):
 
 @_quiet
 def csr_sampled_grad(row_ptr, col_idx, grad_y, x):
+    col_idx = col_idx.long()
     nnz = col_idx.numel()
     n, k = x.shape
     m = grad_y.shape[1]
@@ -59,6 +63,7 @@ def csr_sampled_grad(row_ptr, col_idx, grad_y, x):
 
 def _bsc_perm(block_row_ptr, block_col, n_block_cols):
     """Block-CSC of the pattern: (col_ptr, block_row, perm)."""
+    block_col = block_col.long()
     nbr = block_row_ptr.numel() - 1
     counts = block_row_ptr[1:] - block_row_ptr[:-1]
     rows = torch.repeat_interleave(torch.arange(nbr, dtype=torch.int64), counts)
@@ -72,6 +77,7 @@ def _bsc_perm(block_row_ptr, block_col, n_block_cols):
 
 @_quiet
 def bsr_matmul(block_row_ptr, block_col, blocks, x, out_features):
+    block_col = block_col.long()
     n, k = x.shape
     if blocks.shape[0] == 0 or n == 0:
         return x.new_zeros(n, out_features)
@@ -81,6 +87,7 @@ def bsr_matmul(block_row_ptr, block_col, blocks, x, out_features):
 
 @_quiet
 def bsr_matmul_t(block_row_ptr, block_col, blocks, grad_y, in_features):
+    block_col = block_col.long()
     n, m = grad_y.shape
     b = blocks.shape[1]
     if blocks.shape[0] == 0 or n == 0:
@@ -93,6 +100,7 @@ def bsr_matmul_t(block_row_ptr, block_col, blocks, grad_y, in_features):
 
 
 def bsr_sampled_grad(block_row_ptr, block_col, grad_y, x, b):
+    block_col = block_col.long()
     nb = block_col.numel()
     n, k = x.shape
     m = grad_y.shape[1]

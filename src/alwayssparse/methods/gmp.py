@@ -10,7 +10,9 @@ density of the cubic schedule, per tensor:
     d_t = d_f + (d_i - d_f) * (1 - (t - t0) / (t_end - t0))^3
 
 with d_i = 1 - ``initial_sparsity`` and d_f the tensor's target density from the layout. Pruned
-weights are set to zero and never return (A = B shrinks monotonically).
+weights are set to zero and never return (A = B shrinks monotonically). Updates rank only the
+stored units (unit space, :class:`alwayssparse.methods.base.UnitStorage`); the initial pruning
+ranks the whole dense tensor.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class GMP(Method):
 
     def init_masks(self, tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
         for t in tensors:
-            self._prune_to(t, self.density_at(t, 0), initial=True)
+            self._prune_initial(t, self.density_at(t, 0))
 
     def update(
         self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
@@ -103,13 +105,22 @@ class GMP(Method):
         upcoming = step + 1
         if not self.is_update(upcoming):
             return {}
-        return {t.name: self._prune_to(t, self.density_at(t, upcoming)) for t in tensors}
+        return {t.name: self._prune_stored(t, self.density_at(t, upcoming)) for t in tensors}
 
-    def _prune_to(self, t: SparseTensor, density: float, initial: bool = False) -> Tensor:
-        scores = t.scores()
-        if not initial:
-            scores = torch.where(t.collapse(t.forward_mask), scores, float("-inf"))
-        keep = t.expand(topk_mask(scores, count_for_density(t.num_blocks, density)))
+    def _prune_stored(self, t: SparseTensor, density: float) -> Tensor:
+        """Keep the largest-magnitude active units at ``density`` (never more than are active);
+        the others are set to zero and leave A = B."""
+        storage = t.storage
+        units, in_a = storage.units()
+        active = units[in_a]
+        count = min(count_for_density(t.num_blocks, density), active.numel())
+        keep = topk_mask(storage.unit_scores()[in_a], count)  # ties: lower unit index
+        kept = active[keep]
+        return storage.assign(kept, torch.ones_like(kept, dtype=torch.bool), zeroed=active[~keep])
+
+    def _prune_initial(self, t: SparseTensor, density: float) -> Tensor:
+        """Initial masks: the largest-magnitude units of the whole dense tensor."""
+        keep = t.expand(topk_mask(t.scores(), count_for_density(t.num_blocks, density)))
         with torch.no_grad():
             t.weight.masked_fill_(~keep, 0.0)
         return set_masks(t, keep, keep)

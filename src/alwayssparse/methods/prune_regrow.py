@@ -12,6 +12,12 @@ with n active units (entries, or b x b blocks):
 
 The number of active units is unchanged by construction. Methods differ only in
 ``select_grown``: uniformly at random (SET, DynSparse) or by dense-gradient magnitude (RigL).
+
+Updates run in unit space (:class:`alwayssparse.methods.base.UnitStorage`): the n active units
+as sorted indices, their magnitudes, a top-k over those n scores, grown units drawn as indices
+(:func:`alwayssparse.masks.sample_outside`, O(n_drop) memory), so on the sparse backend no
+tensor of the weight's size exists during an update. Regrown weights drawn from the truncated
+normal are assigned unit by unit (row-major within a block).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from alwayssparse.masks import random_mask, topk_mask
+from alwayssparse.masks import random_mask, sample_outside, topk_mask
 from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
 from alwayssparse.schedules import DROP_SCHEDULES, UpdateSchedule
 
@@ -36,11 +42,16 @@ def init_random_masks(tensors: Sequence[SparseTensor], generator: torch.Generato
         set_masks(t, mask, mask)
 
 
-def truncated_normal_(values: Tensor, mask: Tensor, std: float, generator: torch.Generator) -> None:
-    """Overwrite ``values`` where ``mask`` with N(0, std^2) truncated to [-2 std, 2 std]."""
-    n = int(torch.count_nonzero(mask))
+def truncated_normal(n: int, std: float, generator: torch.Generator) -> Tensor:
+    """``n`` draws of N(0, std^2) truncated to [-2 std, 2 std] (float32, CPU)."""
     draws = torch.empty(n)
     torch.nn.init.trunc_normal_(draws, std=std, a=-2 * std, b=2 * std, generator=generator)
+    return draws
+
+
+def truncated_normal_(values: Tensor, mask: Tensor, std: float, generator: torch.Generator) -> None:
+    """Overwrite ``values`` where ``mask`` with N(0, std^2) truncated to [-2 std, 2 std]."""
+    draws = truncated_normal(int(torch.count_nonzero(mask)), std, generator)
     with torch.no_grad():
         values[mask] = draws.to(device=values.device, dtype=values.dtype)
 
@@ -149,32 +160,35 @@ class PruneRegrow(Method):
         return entered
 
     def select_grown(
-        self, t: SparseTensor, candidates: Tensor, count: int, generator: torch.Generator
+        self, t: SparseTensor, active: Tensor, count: int, generator: torch.Generator
     ) -> Tensor:
-        """Block-grid mask of ``count`` units to grow among ``candidates``: uniformly random."""
-        scores = torch.rand(t.block_shape, generator=generator).to(candidates.device)
-        # Random scores lie in [0, 1): -1 keeps every non-candidate below every candidate.
-        return topk_mask(torch.where(candidates, scores, -1.0), count)
+        """``count`` units to grow, as sorted block-grid indices outside the sorted ``active``
+        (the units active before the update): uniformly at random."""
+        return sample_outside(active, t.num_blocks, count, generator)
 
     def _prune_regrow(
         self, t: SparseTensor, fraction: float, generator: torch.Generator
     ) -> Tensor | None:
-        active = t.collapse(t.forward_mask)
-        n_active = int(torch.count_nonzero(active))
-        n_drop = min(round(fraction * n_active), active.numel() - n_active)
+        storage = t.storage
+        units, in_a = storage.units()
+        active = units[in_a]
+        n_active = active.numel()
+        n_drop = min(round(fraction * n_active), t.num_blocks - n_active)
         if n_drop <= 0:
             return None
-        magnitude = torch.where(active, t.scores(), float("-inf"))
-        keep = topk_mask(magnitude, n_active - n_drop)
-        grown = self.select_grown(t, ~active, n_drop, generator)
-        changed = t.expand((active & ~keep) | grown)
-        with torch.no_grad():
-            t.weight.masked_fill_(changed, 0.0)  # dropped weights are pruned to zero
-        entered_blocks = t.expand(grown)
+        # Ties break by lower unit index: ``active`` is sorted.
+        keep = topk_mask(storage.unit_scores()[in_a], n_active - n_drop)
+        grown = self.select_grown(t, active, n_drop, generator).to(active.device)
+        kept_and_grown, _ = torch.sort(torch.cat([active[keep], grown]))
+        dropped = active[~keep]
+        # Dropped and grown weights are set to zero; A = B = kept | grown.
+        entered = storage.assign(kept_and_grown, torch.ones_like(kept_and_grown, dtype=torch.bool),
+                                 zeroed=torch.cat([dropped, grown]))  # fmt: skip
         if self.regrow_std > 0:
-            truncated_normal_(t.weight, entered_blocks, self.regrow_std, generator)
-        mask = t.expand(keep | grown)
-        return set_masks(t, mask, mask)
+            block_entries = t.block * t.block
+            storage.write(grown, truncated_normal(grown.numel() * block_entries,
+                                                  self.regrow_std, generator))  # fmt: skip
+        return entered
 
 
 @register

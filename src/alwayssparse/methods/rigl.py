@@ -7,11 +7,13 @@ Grow scores are |dL/dW| (block L^p norm with blocks) at the inactive positions, 
 the update step. Following topkast.md appendix C, the dense gradient is never held whole: its
 rows are computed chunk by chunk (:mod:`alwayssparse.capture`), each chunk is scored, and only a
 running top-k of (score, index) pairs survives from one chunk to the next. Memory: one chunk of
-``gradient_chunk_elements`` floats plus 2k candidates, instead of the full gradient.
+``gradient_chunk_elements`` floats plus 2k candidates, instead of the full gradient; the grown
+units come back as k sorted indices, never as a dense mask.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from alwayssparse.capture import GradientCapture
-from alwayssparse.masks import block_norms, matrix_view, topk_mask
+from alwayssparse.masks import block_norms, topk_mask
 from alwayssparse.methods.base import SparseTensor, register
 from alwayssparse.methods.prune_regrow import PruneRegrow
 
@@ -55,19 +57,22 @@ class RigL(PruneRegrow):
         return self.schedule.is_update(step + 1)
 
     def select_grown(
-        self, t: SparseTensor, candidates: Tensor, count: int, generator: torch.Generator
+        self, t: SparseTensor, active: Tensor, count: int, generator: torch.Generator
     ) -> Tensor:
-        cols = matrix_view(t.weight).shape[1]
+        """The ``count`` units outside the sorted ``active`` with the largest dense-gradient
+        block norm, sorted; the gradient is computed one chunk of rows at a time."""
+        cols = math.prod(t.shape) // t.shape[0]  # of the matrix view (out, in * kh * kw)
         grid_cols = cols // t.block
         rows_per_chunk = max(1, self.gradient_chunk_elements // cols // t.block) * t.block
-        flat_candidates = candidates.reshape(-1)
-        best_scores = torch.empty(0, device=candidates.device)
-        best_index = torch.empty(0, dtype=torch.long, device=candidates.device)
+        best_scores = torch.empty(0, device=active.device)
+        best_index = torch.empty(0, dtype=torch.long, device=active.device)
         for first_row, grad_rows in self.capture.row_chunks(t.name, rows_per_chunk):
-            scores = block_norms(grad_rows, t.block, t.block_norm).reshape(-1)
+            scores = block_norms(grad_rows, t.block, t.block_norm).reshape(-1).to(active.device)
             offset = (first_row // t.block) * grid_cols
-            usable = flat_candidates[offset : offset + scores.numel()]
-            scores = torch.where(usable, scores, float("-inf"))
+            # Candidates: the chunk's units that were not active (active ones score -inf).
+            lo = int(torch.searchsorted(active, offset))
+            hi = int(torch.searchsorted(active, offset + scores.numel()))
+            scores[active[lo:hi] - offset] = float("-inf")
             local = topk_mask(scores, min(count, scores.numel()))
             # Indices grow from chunk to chunk, so concatenation keeps index order and the
             # exact-count top-k breaks ties by lower index, as everywhere else.
@@ -75,6 +80,4 @@ class RigL(PruneRegrow):
             merged_index = torch.cat([best_index, local.nonzero().squeeze(1) + offset])
             keep = topk_mask(merged_scores, min(count, merged_scores.numel()))
             best_scores, best_index = merged_scores[keep], merged_index[keep]
-        grown = torch.zeros(candidates.numel(), dtype=torch.bool, device=candidates.device)
-        grown[best_index] = True
-        return grown.view(candidates.shape)
+        return best_index

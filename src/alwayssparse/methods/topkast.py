@@ -20,6 +20,14 @@ choice) or over all sparse tensors at once (``selection="global"``).
 
 Ablations of Table 1: ``random_exploration`` draws B\\A uniformly from outside A instead of by
 magnitude; ``exploration_stop_step`` = t makes B = A from step t on (no more updates to B\\A).
+
+A refresh ranks theta of the whole tensor: the top-k runs on the host over the grid scores
+(``UnitStorage.grid_scores``; on the sparse backend, the reservoir with the stored values written
+in, paper section 2.4). Since top-(D) is a subset of top-(D + M) under the same total order (score,
+then lower index), B is selected over the grid and A only among B's units. Allocated per tensor
+and refresh, besides O(|B|) index arrays: the grid scores (one float per unit; with 1x1 units
+|theta|), numpy's partition copy of them (one float per unit) and the comparison masks of the
+selection (one bool per unit each); ``random_exploration`` adds one random float per unit.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from torch import Tensor
 
 from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
-from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+from alwayssparse.methods.base import Method, SparseTensor, register
 
 SELECTIONS = ("layer", "global")
 EXPLORATION_NORMS = ("l2", "l1")
@@ -105,6 +113,11 @@ class TopKAST(Method):
     def __post_init__(self) -> None:
         self._coefficient_cache: dict[str, tuple[tuple[int, ...], Tensor]] = {}
 
+    @property
+    def fixed_layer_counts(self) -> bool:
+        """Global selection moves units between tensors."""
+        return self.selection == "layer"
+
     def backward_sparsity_for(self, sparsity: float) -> float:
         """The backward sparsity 1 - (D + M) that applies at forward ``sparsity``."""
         if self.backward_sparsity is not None:
@@ -130,8 +143,7 @@ class TopKAST(Method):
             return self._refresh(tensors, generator, explore=self.exploring(upcoming))
         if upcoming == self.exploration_stop_step:
             # Exploration stops between refreshes: drop B\A now, keep A as it is.
-            return {t.name: set_masks(t, t.forward_mask.clone(), t.forward_mask.clone())
-                    for t in tensors}  # fmt: skip
+            return {t.name: _keep_only_a(t) for t in tensors}
         return {}
 
     def regularizer(self, tensors: Sequence[SparseTensor]) -> Tensor | None:
@@ -163,20 +175,41 @@ class TopKAST(Method):
     def _refresh(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
     ) -> dict[str, Tensor]:
-        scores = [t.scores() for t in tensors]  # |theta|, or block norms with blocks
-        forward = self._select(scores, [t.forward_count for t in tensors])
+        storages = [t.storage for t in tensors]
+        scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
+        forward_counts = [t.forward_count for t in tensors]
         if not explore:
-            backward = forward
+            backward = self._select(scores, forward_counts)
         elif self.random_exploration:
             # Top-k over these keeps A and draws B\A at random (per tensor or globally).
+            forward = self._select(scores, forward_counts)
             randomised = [scores_extending(a, generator) for a in forward]
             backward = self._select(randomised, [t.backward_count for t in tensors])
         else:
             backward = self._select(scores, [t.backward_count for t in tensors])
+        units = [torch.nonzero(b.reshape(-1)).squeeze(1) for b in backward]
+        in_a: list[Tensor]
+        if not explore:
+            in_a = [torch.ones_like(u, dtype=torch.bool) for u in units]
+        elif self.random_exploration:
+            in_a = [a.reshape(-1)[u] for a, u in zip(forward, units, strict=True)]
+        else:
+            # A = top-D among B's units: the same set as top-D over the grid.
+            gathered = [s.reshape(-1)[u] for s, u in zip(scores, units, strict=True)]
+            in_a = self._select(gathered, forward_counts)
+        del scores, backward
         return {
-            t.name: set_masks(t, t.expand(a), t.expand(b))
-            for t, a, b in zip(tensors, forward, backward, strict=True)
+            t.name: storage.assign(u, a)
+            for t, storage, u, a in zip(tensors, storages, units, in_a, strict=True)
         }
+
+
+def _keep_only_a(t: SparseTensor) -> Tensor:
+    """B = A (exploration stops), through the tensor's unit storage."""
+    storage = t.storage
+    units, in_a = storage.units()
+    a_units = units[in_a]
+    return storage.assign(a_units, torch.ones_like(a_units, dtype=torch.bool))
 
 
 class _WeightedNorm(torch.autograd.Function):

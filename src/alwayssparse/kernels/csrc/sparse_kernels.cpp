@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include <sys/mman.h>
@@ -217,8 +218,9 @@ Split make_split(int64_t N, int64_t NT, int64_t R) {
 }
 
 // out[(r - r0) * NT + :] = sum_k val[k] * bt[idx[k] * NT + :] for r in [r0, r1).
-template <int NV>
-inline void spmm_rows(const int64_t* __restrict ptr, const int64_t* __restrict idx,
+// Column indices I are int32 or int64 (row pointers are always int64).
+template <int NV, typename I>
+inline void spmm_rows(const int64_t* __restrict ptr, const I* __restrict idx,
                       const float* __restrict val, int64_t r0, int64_t r1,
                       const float* __restrict bt, float* __restrict out) {
   constexpr int NT = 16 * NV;
@@ -254,8 +256,8 @@ inline void spmm_rows(const int64_t* __restrict ptr, const int64_t* __restrict i
 }
 
 // y (N x R) = x (N x K) @ S^T where S (R x K) is CSR (ptr, idx, val).
-template <int NV>
-void spmm_fm(const int64_t* ptr, const int64_t* idx, const float* val, int64_t R,
+template <int NV, typename I>
+void spmm_fm(const int64_t* ptr, const I* idx, const float* val, int64_t R,
              const float* x, int64_t N, int64_t K, float* y) {
   constexpr int NT = 16 * NV;
   const Split s = make_split(N, NT, R);
@@ -273,7 +275,7 @@ void spmm_fm(const int64_t* ptr, const int64_t* idx, const float* val, int64_t R
       const int64_t g1 = std::min(s.ngroups, (c + 1) * s.gper);
       for (int64_t g = c * s.gper; g < g1; ++g) {
         const int64_t r0 = g * 16, rr = std::min<int64_t>(16, R - r0);
-        spmm_rows<NV>(ptr, idx, val, r0, r0 + rr, bt.get(), ob.get());
+        spmm_rows<NV, I>(ptr, idx, val, r0, r0 + rr, bt.get(), ob.get());
         unpack_rows<NT>(ob.get(), rr, nt, y + n0 * R + r0, R);
       }
     }
@@ -281,8 +283,8 @@ void spmm_fm(const int64_t* ptr, const int64_t* idx, const float* val, int64_t R
 }
 
 // gv[k] = sum_n gy[n, row(k)] * x[n, idx[k]]
-template <int NV>
-void sddmm_fm(const int64_t* ptr, const int64_t* idx, int64_t R, const float* gy,
+template <int NV, typename I>
+void sddmm_fm(const int64_t* ptr, const I* idx, int64_t R, const float* gy,
               const float* x, int64_t N, int64_t K, float* gv) {
   constexpr int NT = 16 * NV;
   const int64_t nnz = ptr[R];
@@ -393,8 +395,20 @@ int pick_nv(int64_t N, int64_t K, int64_t nt_req) {
 }
 
 void check_csr(const at::Tensor& ptr, const at::Tensor& idx) {
-  TORCH_CHECK(ptr.dtype() == at::kLong && idx.dtype() == at::kLong, "indices must be int64");
+  TORCH_CHECK(ptr.dtype() == at::kLong, "row pointers must be int64");
+  TORCH_CHECK(idx.dtype() == at::kLong || idx.dtype() == at::kInt,
+              "column indices must be int32 or int64");
   TORCH_CHECK(ptr.is_contiguous() && idx.is_contiguous(), "indices must be contiguous");
+}
+
+// Calls fn(const I*) with the column indices as int32 or int64.
+template <class Fn>
+void with_indices(const at::Tensor& idx, Fn&& fn) {
+  if (idx.dtype() == at::kInt) {
+    fn(idx.data_ptr<int32_t>());
+  } else {
+    fn(idx.data_ptr<int64_t>());
+  }
 }
 
 void check_dense(const at::Tensor& t, const char* name) {
@@ -415,16 +429,18 @@ at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x
   if (N == 0 || R == 0) return y;
   const int nv = pick_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
-  const int64_t* c = idx.data_ptr<int64_t>();
   const float* v = val.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  switch (nv) {
-    case 8: spmm_fm<8>(p, c, v, R, xp, N, K, yp); break;
-    case 4: spmm_fm<4>(p, c, v, R, xp, N, K, yp); break;
-    case 2: spmm_fm<2>(p, c, v, R, xp, N, K, yp); break;
-    default: spmm_fm<1>(p, c, v, R, xp, N, K, yp); break;
-  }
+  with_indices(idx, [&](const auto* c) {
+    using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
+    switch (nv) {
+      case 8: spmm_fm<8, I>(p, c, v, R, xp, N, K, yp); break;
+      case 4: spmm_fm<4, I>(p, c, v, R, xp, N, K, yp); break;
+      case 2: spmm_fm<2, I>(p, c, v, R, xp, N, K, yp); break;
+      default: spmm_fm<1, I>(p, c, v, R, xp, N, K, yp); break;
+    }
+  });
   return y;
 }
 
@@ -438,42 +454,57 @@ at::Tensor csr_sddmm(at::Tensor ptr, at::Tensor idx, at::Tensor gy, at::Tensor x
   if (nnz == 0 || N == 0) return gv;
   const int nv = pick_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
-  const int64_t* c = idx.data_ptr<int64_t>();
   const float* g = gy.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* o = gv.data_ptr<float>();
-  switch (nv) {
-    case 8: sddmm_fm<8>(p, c, R, g, xp, N, K, o); break;
-    case 4: sddmm_fm<4>(p, c, R, g, xp, N, K, o); break;
-    case 2: sddmm_fm<2>(p, c, R, g, xp, N, K, o); break;
-    default: sddmm_fm<1>(p, c, R, g, xp, N, K, o); break;
-  }
+  with_indices(idx, [&](const auto* c) {
+    using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
+    switch (nv) {
+      case 8: sddmm_fm<8, I>(p, c, R, g, xp, N, K, o); break;
+      case 4: sddmm_fm<4, I>(p, c, R, g, xp, N, K, o); break;
+      case 2: sddmm_fm<2, I>(p, c, R, g, xp, N, K, o); break;
+      default: sddmm_fm<1, I>(p, c, R, g, xp, N, K, o); break;
+    }
+  });
   return gv;
 }
 
 // Transpose of a compressed pattern: (ptr over R, idx in [0, C)) -> (tptr over C, tidx, perm)
 // with perm[t] = position in the original arrays, indices sorted within each output row.
-std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int64_t C) {
-  check_csr(ptr, idx);
-  const int64_t R = ptr.size(0) - 1, nnz = idx.size(0);
-  auto opt = ptr.options();
-  auto tptr = at::zeros({C + 1}, opt);
-  auto tidx = at::empty({nnz}, opt);
-  auto perm = at::empty({nnz}, opt);
-  const int64_t* p = ptr.data_ptr<int64_t>();
-  const int64_t* c = idx.data_ptr<int64_t>();
-  int64_t* tp = tptr.data_ptr<int64_t>();
-  int64_t* ti = tidx.data_ptr<int64_t>();
-  int64_t* pm = perm.data_ptr<int64_t>();
+// tidx and perm have the dtype of idx (int32 needs nnz and R below 2^31).
+template <typename I>
+void transpose_impl(const int64_t* p, const I* c, int64_t R, int64_t nnz, int64_t C, int64_t* tp,
+                    I* ti, I* pm) {
   for (int64_t k = 0; k < nnz; ++k) tp[c[k] + 1]++;
   for (int64_t j = 0; j < C; ++j) tp[j + 1] += tp[j];
   std::vector<int64_t> fill(tp, tp + C);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t k = p[r]; k < p[r + 1]; ++k) {
       const int64_t d = fill[c[k]]++;
-      ti[d] = r;
-      pm[d] = k;
+      ti[d] = static_cast<I>(r);
+      pm[d] = static_cast<I>(k);
     }
+  }
+}
+
+std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int64_t C) {
+  check_csr(ptr, idx);
+  const int64_t R = ptr.size(0) - 1, nnz = idx.size(0);
+  if (idx.dtype() == at::kInt) {
+    TORCH_CHECK(nnz < (int64_t{1} << 31) && R < (int64_t{1} << 31),
+                "int32 indices need fewer than 2^31 rows and entries");
+  }
+  auto tptr = at::zeros({C + 1}, ptr.options());
+  auto tidx = at::empty({nnz}, idx.options());
+  auto perm = at::empty({nnz}, idx.options());
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  int64_t* tp = tptr.data_ptr<int64_t>();
+  if (idx.dtype() == at::kInt) {
+    transpose_impl<int32_t>(p, idx.data_ptr<int32_t>(), R, nnz, C, tp, tidx.data_ptr<int32_t>(),
+                            perm.data_ptr<int32_t>());
+  } else {
+    transpose_impl<int64_t>(p, idx.data_ptr<int64_t>(), R, nnz, C, tp, tidx.data_ptr<int64_t>(),
+                            perm.data_ptr<int64_t>());
   }
   return {tptr, tidx, perm};
 }
@@ -481,8 +512,8 @@ std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int
 // ---------------------------------------------------------------- block-sparse kernels
 
 // y (N x NBR*B) = x (N x K) @ W^T with W's blocks given transposed: wt[blk][q][p] = W_blk[p][q].
-template <int B, int NR>
-inline void bsr_rows(const int64_t* __restrict bptr, const int64_t* __restrict bidx,
+template <int B, int NR, typename I>
+inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
                      const float* __restrict wt, int64_t i0, int64_t i1,
                      const float* __restrict x, int64_t K, float* __restrict y, int64_t M) {
   typedef typename VecOf<B>::type vb;
@@ -505,8 +536,8 @@ inline void bsr_rows(const int64_t* __restrict bptr, const int64_t* __restrict b
   }
 }
 
-template <int B>
-void bsr_spmm_impl(const int64_t* bptr, const int64_t* bidx, const float* wt, int64_t NBR,
+template <int B, typename I>
+void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t NBR,
                    const float* x, int64_t N, int64_t K, float* y) {
   constexpr int NR = (B == 16) ? 12 : 12;
   const int64_t M = NBR * B;
@@ -521,18 +552,18 @@ void bsr_spmm_impl(const int64_t* bptr, const int64_t* bidx, const float* wt, in
       const int64_t n0 = nb * NR, nr = std::min<int64_t>(NR, N - n0);
       const int64_t i0 = c * iper, i1 = std::min(NBR, i0 + iper);
       if (nr == NR) {
-        bsr_rows<B, NR>(bptr, bidx, wt, i0, i1, x + n0 * K, K, y + n0 * M, M);
+        bsr_rows<B, NR, I>(bptr, bidx, wt, i0, i1, x + n0 * K, K, y + n0 * M, M);
       } else {
         for (int64_t n = n0; n < n0 + nr; ++n)
-          bsr_rows<B, 1>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M);
+          bsr_rows<B, 1, I>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M);
       }
     }
   });
 }
 
 // G[blk][p][q] = sum_n gy[n, i*B + p] * x[n, j*B + q]
-template <int B>
-void bsr_sddmm_impl(const int64_t* bptr, const int64_t* bidx, int64_t NBR, const float* gy,
+template <int B, typename I>
+void bsr_sddmm_impl(const int64_t* bptr, const I* bidx, int64_t NBR, const float* gy,
                     const float* x, int64_t N, int64_t K, float* G) {
   typedef typename VecOf<B>::type vb;
   const int64_t M = NBR * B;
@@ -581,17 +612,19 @@ at::Tensor bsr_spmm(at::Tensor bptr, at::Tensor bidx, at::Tensor wt, at::Tensor 
   TORCH_CHECK(NBR * B == out_features, "block_row_ptr does not match out_features");
   auto y = alloc_output({N, out_features}, false);
   if (N == 0 || out_features == 0) return y;
+  TORCH_CHECK(B == 4 || B == 8 || B == 16, "block size must be 4, 8 or 16");
   const int64_t* p = bptr.data_ptr<int64_t>();
-  const int64_t* c = bidx.data_ptr<int64_t>();
   const float* w = wt.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  switch (B) {
-    case 16: bsr_spmm_impl<16>(p, c, w, NBR, xp, N, K, yp); break;
-    case 8: bsr_spmm_impl<8>(p, c, w, NBR, xp, N, K, yp); break;
-    case 4: bsr_spmm_impl<4>(p, c, w, NBR, xp, N, K, yp); break;
-    default: TORCH_CHECK(false, "block size must be 4, 8 or 16");
-  }
+  with_indices(bidx, [&](const auto* c) {
+    using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
+    switch (B) {
+      case 16: bsr_spmm_impl<16, I>(p, c, w, NBR, xp, N, K, yp); break;
+      case 8: bsr_spmm_impl<8, I>(p, c, w, NBR, xp, N, K, yp); break;
+      default: bsr_spmm_impl<4, I>(p, c, w, NBR, xp, N, K, yp); break;
+    }
+  });
   return y;
 }
 
@@ -604,17 +637,19 @@ at::Tensor bsr_sddmm(at::Tensor bptr, at::Tensor bidx, at::Tensor gy, at::Tensor
   TORCH_CHECK(gy.size(1) == NBR * B, "grad_y does not match the block structure");
   auto G = at::zeros({nb, B, B}, x.options());
   if (nb == 0 || N == 0) return G;
+  TORCH_CHECK(B == 4 || B == 8 || B == 16, "block size must be 4, 8 or 16");
   const int64_t* p = bptr.data_ptr<int64_t>();
-  const int64_t* c = bidx.data_ptr<int64_t>();
   const float* g = gy.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   float* o = G.data_ptr<float>();
-  switch (B) {
-    case 16: bsr_sddmm_impl<16>(p, c, NBR, g, xp, N, K, o); break;
-    case 8: bsr_sddmm_impl<8>(p, c, NBR, g, xp, N, K, o); break;
-    case 4: bsr_sddmm_impl<4>(p, c, NBR, g, xp, N, K, o); break;
-    default: TORCH_CHECK(false, "block size must be 4, 8 or 16");
-  }
+  with_indices(bidx, [&](const auto* c) {
+    using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
+    switch (B) {
+      case 16: bsr_sddmm_impl<16, I>(p, c, NBR, g, xp, N, K, o); break;
+      case 8: bsr_sddmm_impl<8, I>(p, c, NBR, g, xp, N, K, o); break;
+      default: bsr_sddmm_impl<4, I>(p, c, NBR, g, xp, N, K, o); break;
+    }
+  });
   return G;
 }
 
