@@ -7,8 +7,11 @@ the layer's input x and output gradient g, which a forward hook keeps for the on
 the method asks (``Method.needs_dense_gradient``). Conv layers use
 ``torch.nn.grad.convNd_weight`` on a slice of output channels in the same way.
 
-Under ``torch.distributed``, each chunk is summed over ranks before it is scored, so every rank
-ranks the same (global-batch) gradient.
+Under ``torch.distributed`` (data parallel, topkast.md appendix C), each chunk is all-reduced as
+soon as it is computed, before it is scored: every rank holds the gradient chunk of its own
+shard's loss, and their mean over ranks is the chunk of the global batch's gradient (each
+shard's loss is scaled so that DDP's average of gradients is the global gradient). Every rank
+then ranks the same numbers and keeps the same running top-k, with no dense gradient held.
 """
 
 from __future__ import annotations
@@ -91,8 +94,9 @@ class GradientCapture:
                 (_weight_grad_rows(module, x, g, start, stop) for x, g in self._records[name]),
                 start=torch.zeros(()),
             )
-            if dist.is_available() and dist.is_initialized():
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(chunk)
+                chunk /= dist.get_world_size()  # the mean over ranks, as DDP averages
             yield start, chunk.reshape(stop - start, -1)
 
     def clear(self) -> None:

@@ -62,8 +62,10 @@ __all__ = [
     "BertVocab",
     "SentencePair",
     "TokenizedDocuments",
+    "eval_result",
     "evaluate_pretraining",
     "load_tokenizer",
+    "pretraining_sums",
     "collate_pairs",
     "read_documents",
     "sample_pair",
@@ -817,6 +819,46 @@ class BertEvalResult:
 
 
 @torch.no_grad()
+def pretraining_sums(model: nn.Module, batches: Iterable[BertBatch]) -> Tensor:
+    """Summed held-out statistics of a :class:`~alwayssparse.models.bert.BertForPreTraining`.
+
+    Returns:
+        A float64 ``[6]`` tensor: MLM loss, MLM hits, NSP loss, NSP hits (all summed), labelled
+        tokens, labelled examples. Sums over disjoint sets of batches add up, so shards of an
+        evaluation can be summed across processes before :func:`eval_result` divides.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(6, dtype=torch.float64)
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            out = model(batch.input_ids, batch.token_type_ids, batch.attention_mask)
+            sums[:4] += _eval_sums(
+                out.mlm_logits, batch.mlm_labels, out.nsp_logits, batch.nsp_labels
+            )
+            sums[4] += int((batch.mlm_labels != IGNORE_INDEX).sum())
+            sums[5] += int((batch.nsp_labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def eval_result(sums: Tensor) -> BertEvalResult:
+    """The metrics of :func:`pretraining_sums` (possibly summed over processes).
+
+    Raises:
+        ValueError: If the sums cover no labelled token or no example.
+    """
+    mlm_loss, mlm_correct, nsp_loss, nsp_correct, tokens, examples = sums.tolist()
+    if tokens == 0 or examples == 0:
+        raise ValueError("no labelled tokens or examples to evaluate on")
+    return BertEvalResult(
+        mlm_loss / tokens, nsp_loss / examples, mlm_correct / tokens, nsp_correct / examples
+    )
+
+
 def evaluate_pretraining(model: nn.Module, batches: Iterable[BertBatch]) -> BertEvalResult:
     """Evaluates a :class:`~alwayssparse.models.bert.BertForPreTraining` on fixed batches.
 
@@ -826,26 +868,7 @@ def evaluate_pretraining(model: nn.Module, batches: Iterable[BertBatch]) -> Bert
     Raises:
         ValueError: If the batches contain no labelled token or no example.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(4, dtype=torch.float64)  # mlm loss, mlm correct, nsp loss, nsp correct
-    tokens = examples = 0
-    try:
-        for batch in batches:
-            batch = batch.to(device)
-            out = model(batch.input_ids, batch.token_type_ids, batch.attention_mask)
-            sums += _eval_sums(out.mlm_logits, batch.mlm_labels, out.nsp_logits, batch.nsp_labels)
-            tokens += int((batch.mlm_labels != IGNORE_INDEX).sum())
-            examples += int((batch.nsp_labels != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
-    if tokens == 0 or examples == 0:
-        raise ValueError("no labelled tokens or examples to evaluate on")
-    mlm_loss, mlm_correct, nsp_loss, nsp_correct = sums.tolist()
-    return BertEvalResult(
-        mlm_loss / tokens, nsp_loss / examples, mlm_correct / tokens, nsp_correct / examples
-    )
+    return eval_result(pretraining_sums(model, batches))
 
 
 def _eval_sums(

@@ -457,6 +457,55 @@ def eval_batches(
 
 
 @torch.no_grad()
+def nll_sums(
+    model_fn: Callable[[Tensor], Tensor],
+    data: Tensor,
+    batch_size: int,
+    context: int,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int]:
+    """Summed cross-entropy (nats) and number of predicted bytes over :func:`eval_batches`.
+
+    With ``world_size > 1`` only batches ``rank, rank + world_size, ...`` are evaluated: the
+    sums of all ranks add up to the sums of the whole run of batches (a sharded evaluation).
+
+    Args:
+        model_fn: Maps ``x`` (``torch.long`` ``[B, T]`` on ``device``) to logits
+            ``[B, T, 256]``.
+        data: 1-D byte tensor (``torch.uint8``).
+        batch_size: Windows per batch.
+        context: Window length ``T``.
+        max_batches: If given, only the first ``max_batches`` batches (over all ranks).
+        device: Device the batches are moved to before calling ``model_fn``.
+        rank: This process's share of the batches.
+        world_size: Number of shares.
+
+    Returns:
+        ``(total_nats, count)``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    total_nats = 0.0
+    count = 0
+    for i, (x, y) in enumerate(eval_batches(data, batch_size, context, max_batches)):
+        if i % world_size != rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        logits = model_fn(x)  # [B, T, V]
+        # float() so that half-precision logits do not lose accuracy in the log-softmax.
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        )
+        total_nats += loss.item()
+        count += y.numel()
+    return total_nats, count
+
+
+@torch.no_grad()
 def evaluate_bpc(
     model_fn: Callable[[Tensor], Tensor],
     data: Tensor,
@@ -487,17 +536,7 @@ def evaluate_bpc(
         ValueError: If no byte would be predicted (``data`` shorter than 2 bytes or
             ``max_batches == 0``).
     """
-    total_nats = 0.0
-    count = 0
-    for x, y in eval_batches(data, batch_size, context, max_batches):
-        x, y = x.to(device), y.to(device)
-        logits = model_fn(x)  # [B, T, V]
-        # float() so that half-precision logits do not lose accuracy in the log-softmax.
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-        )
-        total_nats += loss.item()
-        count += y.numel()
+    total_nats, count = nll_sums(model_fn, data, batch_size, context, max_batches, device)
     if count == 0:
         raise ValueError(
             f"nothing to evaluate: data has {data.numel()} bytes and max_batches={max_batches}"

@@ -47,6 +47,9 @@ __all__ = [
     "ImageSplits",
     "UnsafePickleError",
     "channel_stats",
+    "count_correct",
+    "crop_flip",
+    "crop_flip_draws",
     "evaluate_accuracy",
     "holdout_split",
     "load_cifar10",
@@ -55,6 +58,7 @@ __all__ = [
     "normalize",
     "random_crop_flip",
     "read_idx",
+    "shard_rows",
 ]
 
 
@@ -590,6 +594,38 @@ def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.view(1, -1, 1, 1).to(x.device)) / std.view(1, -1, 1, 1).to(x.device)
 
 
+def crop_flip_draws(
+    batch: int, generator: torch.Generator, padding: int = 4
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The random choices of :func:`random_crop_flip` for ``batch`` images.
+
+    Returns:
+        ``(dy, dx, flip)``, each ``[batch]``: crop offsets in ``[0, 2 * padding]`` and whether
+        to flip. Drawing them for a whole global batch and applying a slice of them
+        (:func:`crop_flip`) lets each process augment only its own shard, identically to one
+        process augmenting everything.
+    """
+    dy = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)  # [B]
+    dx = torch.randint(0, 2 * padding + 1, (batch,), generator=generator)  # [B]
+    flip = torch.rand(batch, generator=generator) < 0.5  # [B]
+    return dy, dx, flip
+
+
+def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int = 4) -> Tensor:
+    """Pad ``x`` ``[B, C, H, W]`` by ``padding``, crop at offsets ``(dy, dx)`` and flip where
+    ``flip`` (see :func:`random_crop_flip`); same shape and dtype."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))  # [B, C, H + 2p, W + 2p]
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)  # [B, H]
+    cols = dx[:, None] + torch.arange(w)  # [B, W]
+    # Flipping = reading the crop's columns right to left.
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)  # [B, W]
+    batch = torch.arange(b, device=x.device)[:, None, None]  # [B, 1, 1]
+    # Advanced indices separated by a slice move to the front: result is [B, H, W, C].
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
+
+
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     """Standard CIFAR augmentation (He et al. 2016, section 4.2), vectorised over a batch.
 
@@ -605,19 +641,14 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     Returns:
         Augmented images of the same shape and dtype.
     """
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))  # [B, C, H + 2p, W + 2p]
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)  # [B]
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)  # [B]
-    flip = torch.rand(b, generator=generator) < 0.5  # [B]
-    rows = (dy[:, None] + torch.arange(h)).to(x.device)  # [B, H]
-    cols = dx[:, None] + torch.arange(w)  # [B, W]
-    # Flipping = reading the crop's columns right to left.
-    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)  # [B, W]
-    batch = torch.arange(b, device=x.device)[:, None, None]  # [B, 1, 1]
-    # Advanced indices separated by a slice move to the front: result is [B, H, W, C].
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
+    return crop_flip(x, *crop_flip_draws(x.shape[0], generator, padding), padding=padding)
+
+
+def shard_rows(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` rows split as evenly as possible."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 class ImageBatches:
@@ -627,6 +658,10 @@ class ImageBatches:
     last incomplete batch is dropped (a batch of one breaks BatchNorm and a tiny batch
     gives a noisy step), and :func:`random_crop_flip` is applied when ``augment`` is on.
     In evaluation mode batches are in order and the last one may be smaller.
+
+    With ``world_size > 1`` each batch is drawn whole (permutation and augmentation choices,
+    the same on every process) and only rows :func:`shard_rows` of it are loaded, augmented
+    and yielded: process ``rank``'s shard of the global batch.
 
     Yields ``(x, y)`` with float32 ``x`` ``[B, C, H, W]`` and int64 ``y`` ``[B]`` on
     ``device``.
@@ -643,6 +678,8 @@ class ImageBatches:
         std: Tensor | None = None,
         augment: bool | None = None,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """Configures the iterator.
 
@@ -659,6 +696,8 @@ class ImageBatches:
             augment: Apply :func:`random_crop_flip`. ``None`` means "when training on
                 32x32 images" (the CIFAR recipe; flips would be wrong for digits).
             device: Where the yielded batches live.
+            rank: Which shard of every batch to yield.
+            world_size: Number of shards.
 
         Raises:
             ValueError: If ``batch_size`` is not positive or ``train`` is set without a
@@ -678,6 +717,8 @@ class ImageBatches:
         square32 = tuple(split.x.shape[2:]) == (32, 32)
         self.augment = (train and square32) if augment is None else augment
         self.device = torch.device(device)
+        shard_rows(0, rank, world_size)  # validates the shard
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -689,15 +730,49 @@ class ImageBatches:
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]  # [B]
-            x = self.split.x[idx]  # [B, C, H, W] uint8
+            rows = shard_rows(len(idx), self.rank, self.world_size)
+            x = self.split.x[idx[rows]]  # [b, C, H, W] uint8
             if self.augment:
                 assert self.generator is not None  # checked in __init__ for train mode
-                x = random_crop_flip(x, self.generator)
-            x = normalize(x.to(self.device), self.mean, self.std)  # [B, C, H, W] float32
-            yield x, self.split.y[idx].to(self.device)
+                dy, dx, flip = crop_flip_draws(len(idx), self.generator)  # whole batch
+                x = crop_flip(x, dy[rows], dx[rows], flip[rows])
+            x = normalize(x.to(self.device), self.mean, self.std)  # [b, C, H, W] float32
+            yield x, self.split.y[idx[rows]].to(self.device)
 
 
 @torch.no_grad()
+def count_correct(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 256,
+    *,
+    mean: Tensor | None = None,
+    std: Tensor | None = None,
+) -> int:
+    """Number of images of ``(x, y)`` whose highest logit is the label, in evaluation mode
+    (arguments as in :func:`evaluate_accuracy`); counts of disjoint shards add up."""
+    if x.dtype == torch.uint8 and (mean is None or std is None):
+        raise ValueError("uint8 images need the training mean and std for normalisation")
+    if len(x) == 0:
+        return 0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            xb = xb.to(device)
+            if xb.dtype == torch.uint8:
+                assert mean is not None and std is not None
+                xb = normalize(xb, mean, std)
+            pred = model(xb).argmax(dim=1)  # [B]
+            correct += int((pred == yb.to(device)).sum())
+    finally:
+        model.train(was_training)
+    return correct
+
+
 def evaluate_accuracy(
     model: nn.Module,
     x: Tensor,
@@ -727,22 +802,5 @@ def evaluate_accuracy(
     Raises:
         ValueError: If ``x`` is uint8 and ``mean`` / ``std`` are missing.
     """
-    if x.dtype == torch.uint8 and (mean is None or std is None):
-        raise ValueError("uint8 images need the training mean and std for normalisation")
-    if len(x) == 0:
-        return 0.0
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-            xb = xb.to(device)
-            if xb.dtype == torch.uint8:
-                assert mean is not None and std is not None
-                xb = normalize(xb, mean, std)
-            pred = model(xb).argmax(dim=1)  # [B]
-            correct += int((pred == yb.to(device)).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(x)
+    correct = count_correct(model, x, y, batch_size, mean=mean, std=std)
+    return correct / len(x) if len(x) else 0.0

@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_segments",
     "load_wikitext103",
     "read_token_lines",
+    "segment_nll_sums",
 ]
 
 EOS = "<eos>"
@@ -321,6 +322,54 @@ class SegmentModel(Protocol):
 
 
 @torch.no_grad()
+def segment_nll_sums(
+    model: SegmentModel,
+    data: Tensor,
+    batch_size: int,
+    tgt_len: int,
+    mem_len: int,
+    device: str | torch.device | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens over some streams.
+
+    The ``batch_size`` streams of :class:`OrderedSegments` are split into ``world_size``
+    contiguous groups as evenly as possible; this call evaluates group ``rank`` (all streams by
+    default), with memory, as :func:`evaluate_segments` does. Streams are independent, so the
+    sums of all ranks add up to the sums over all streams.
+
+    Returns:
+        ``(total_nats, count)``; ``(0.0, 0)`` for a rank without streams.
+    """
+    if mem_len < 0:
+        raise ValueError(f"mem_len must be non-negative, got {mem_len}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    segments = OrderedSegments(data, batch_size, tgt_len)
+    rows = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+    n_rows = rows.stop - rows.start
+    if n_rows == 0:
+        return 0.0, 0
+    was_training = model.training if isinstance(model, nn.Module) else False
+    if device is None:
+        first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        device = first.device if first is not None else torch.device("cpu")
+    if isinstance(model, nn.Module):
+        model.eval()  # dropout off: evaluation must be deterministic
+    try:
+        total, mems = 0.0, None
+        for x, y in segments:
+            x, y = x[rows].to(device), y[rows].to(device)  # [rows, t]
+            nll, mems = model(x, y, mems, mem_len=mem_len)
+            total += nll.double().sum().item()  # float64: millions of terms are summed
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return total, n_rows * (segments.n_step - 1)
+
+
 def evaluate_segments(
     model: SegmentModel,
     data: Tensor,
@@ -351,21 +400,5 @@ def evaluate_segments(
     Returns:
         Mean nll in nats per predicted token.
     """
-    if mem_len < 0:
-        raise ValueError(f"mem_len must be non-negative, got {mem_len}")
-    segments = OrderedSegments(data, batch_size, tgt_len)
-    was_training = model.training if isinstance(model, nn.Module) else False
-    if device is None:
-        first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-        device = first.device if first is not None else torch.device("cpu")
-    if isinstance(model, nn.Module):
-        model.eval()  # dropout off: evaluation must be deterministic
-    try:
-        total, mems = 0.0, None
-        for x, y in segments:
-            nll, mems = model(x.to(device), y.to(device), mems, mem_len=mem_len)
-            total += nll.double().sum().item()  # float64: millions of terms are summed
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
-    return total / segments.n_targets
+    total, count = segment_nll_sums(model, data, batch_size, tgt_len, mem_len, device)
+    return total / count

@@ -3,6 +3,13 @@
 The training loop (:func:`alwayssparse.train.train`) is the same for every task; a task supplies
 the pieces that differ. Each task has a config dataclass (a section of the run config), builds
 its model and data once, and is asked for batches, losses and evaluations by name.
+
+Under several processes (:mod:`alwayssparse.distributed`) a task is one rank's *shard*:
+``batch_size`` stays the global batch, every rank draws the same global batch from the shared
+generator and :meth:`Task.train_batch` returns this rank's rows (:attr:`Task.local_rows`);
+:meth:`Task.loss` is scaled so that its mean over ranks (DDP averages gradients) is the loss of
+the global batch; :meth:`Task.evaluate` evaluates a share of the split on each rank and returns
+metrics reduced over all ranks (every rank must call it).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from alwayssparse.distributed import all_reduce_sum
 
 
 class Task:
@@ -26,10 +35,53 @@ class Task:
     unit: ClassVar[str] = "examples"
     metric: ClassVar[str] = "loss"
 
-    def __init__(self, config: Any, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: Any,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        """Set the task up for one rank (``rank=0, world_size=1``: the whole batch).
+
+        Args:
+            config: The task's config section.
+            batch_size: The global batch (all ranks together).
+            device: Where batches go.
+            rank: This process's rank.
+            world_size: Number of processes; must divide ``batch_size``.
+
+        Raises:
+            ValueError: If the ranks cannot split the batch evenly.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size ({batch_size}) is the global batch and must be divisible by "
+                f"the number of processes ({world_size})"
+            )
         self.config = config
         self.batch_size = batch_size
         self.device = device
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows of the global batch this rank trains on."""
+        return self.batch_size // self.world_size
+
+    @property
+    def local_rows(self) -> slice:
+        """This rank's rows of the global batch: ``[rank * b, (rank + 1) * b)``."""
+        b = self.local_batch_size
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def reduce_sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over the ranks of this task (itself on one rank)."""
+        return all_reduce_sum(values) if self.world_size > 1 else values
 
     def describe_data(self) -> str:
         """One line about the data (sizes of the splits)."""
@@ -39,11 +91,13 @@ class Task:
         raise NotImplementedError
 
     def train_batch(self, generator: torch.Generator) -> Any:
-        """The next training batch, on the task's device."""
+        """This rank's rows of the next global batch, on the task's device (every rank makes
+        the same draws from ``generator``)."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
-        """Scalar training loss of ``batch`` (the sparsity regulariser is added by the loop)."""
+        """Scalar training loss of ``batch`` (the sparsity regulariser is added by the loop),
+        scaled so that its mean over ranks is the loss of the global batch."""
         raise NotImplementedError
 
     def units(self, batch: Any) -> int:
@@ -51,7 +105,9 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> dict[str, float]:
-        """Metrics on ``split`` (``"valid"`` or ``"test"``); keys include :attr:`metric`."""
+        """Metrics on ``split`` (``"valid"`` or ``"test"``); keys include :attr:`metric`.
+
+        The same on every rank: each evaluates a share and the sums are all-reduced."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:

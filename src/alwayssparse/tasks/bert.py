@@ -3,6 +3,11 @@
 Sentence pairs are drawn on the fly from the training documents with whole-word masking; the
 WordPiece vocabulary is trained locally on the same corpus with ``tokenizers`` (or loaded from
 ``tokenizer``). Evaluation reports MLM and NSP loss on held-out documents.
+
+The MLM loss is a mean over the labelled tokens of the whole batch, and shards hold different
+numbers of them; under several processes each rank therefore divides its *summed* losses by the
+global counts (known, since every rank draws the whole batch), times the number of ranks, so
+that DDP's average over ranks is exactly the global loss.
 """
 
 from __future__ import annotations
@@ -10,19 +15,24 @@ from __future__ import annotations
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from alwayssparse.data.bert import (
+    IGNORE_INDEX,
     BertBatch,
     BertPretrainingData,
-    evaluate_pretraining,
+    eval_result,
     load_tokenizer,
+    pretraining_sums,
     read_documents,
     train_wordpiece,
 )
+from alwayssparse.distributed import broadcast_object
 from alwayssparse.models.bert import BertConfig, BertForPreTraining, bert_config
 from alwayssparse.tasks.base import Task, register_task
 
@@ -67,6 +77,27 @@ class BertTaskConfig:
             raise ValueError(f"bert.max_seq_len must be in [5, {self.model.max_position}]")
 
 
+class BertShard(NamedTuple):
+    """This rank's rows of a global batch, with the global counts the losses are divided by.
+
+    Attributes:
+        batch: The rows.
+        mlm_tokens: Labelled MLM positions in the whole global batch.
+        nsp_examples: Labelled NSP examples in the whole global batch.
+    """
+
+    batch: BertBatch
+    mlm_tokens: int
+    nsp_examples: int
+
+
+def _summed_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy summed over the entries whose label is not ``IGNORE_INDEX``."""
+    c = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, c).float(), labels.reshape(-1).long(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")  # fmt: skip
+
+
 @register_task
 class BertTask(Task):
     """MLM + NSP loss; evaluation: held-out MLM and NSP loss."""
@@ -75,21 +106,47 @@ class BertTask(Task):
     unit = "sequences"
     metric = "mlm_loss"
 
-    def __init__(self, config: BertTaskConfig, batch_size: int, device: torch.device) -> None:
-        super().__init__(config, batch_size, device)
-        files = config.files or _default_corpus_files()
+    def __init__(
+        self,
+        config: BertTaskConfig,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, batch_size, device, rank=rank, world_size=world_size)
+        self._files = config.files or _default_corpus_files()
         if config.tokenizer:
             tokenizer = load_tokenizer(config.tokenizer)
+        elif world_size == 1:
+            tokenizer = train_wordpiece(self._files, vocab_size=config.model.vocab_size)
         else:
-            tokenizer = train_wordpiece(files, vocab_size=config.model.vocab_size)
-        if tokenizer.get_vocab_size() > config.model.vocab_size:
+            # WordPiece training breaks ties between merges differently in every process: rank
+            # 0 trains the vocabulary and every rank uses it.
+            trained = None
+            if rank == 0:
+                trained = train_wordpiece(self._files, config.model.vocab_size).to_str()
+            text = broadcast_object(trained)
+            if text is None:
+                raise RuntimeError(
+                    f"rank {rank} of {world_size} receives rank 0's WordPiece vocabulary through "
+                    "the process group, which is not initialized; or set bert.tokenizer"
+                )
+            tokenizer = Tokenizer.from_str(text)
+        self._use_tokenizer(tokenizer)
+
+    def _use_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Tokenize the documents with ``tokenizer``."""
+        if tokenizer.get_vocab_size() > self.config.model.vocab_size:
             raise ValueError(
-                f"bert.model.vocab_size ({config.model.vocab_size}) is smaller than the "
+                f"bert.model.vocab_size ({self.config.model.vocab_size}) is smaller than the "
                 f"tokenizer's vocabulary ({tokenizer.get_vocab_size()})"
             )
-        self.data = BertPretrainingData(read_documents(files), tokenizer,
-                                        max_seq_len=config.max_seq_len,
-                                        heldout_fraction=config.heldout_fraction)  # fmt: skip
+        self.tokenizer = tokenizer
+        self.data = BertPretrainingData(read_documents(self._files), tokenizer,
+                                        max_seq_len=self.config.max_seq_len,
+                                        heldout_fraction=self.config.heldout_fraction)  # fmt: skip
 
     def describe_data(self) -> str:
         documents = len(self.data.train.document_starts) - 1
@@ -98,23 +155,37 @@ class BertTask(Task):
     def build_model(self) -> nn.Module:
         return BertForPreTraining(self.config.model)
 
-    def train_batch(self, generator: torch.Generator) -> BertBatch:
-        return self.data.batch(self.batch_size, generator).to(self.device)
+    def train_batch(self, generator: torch.Generator) -> BertShard:
+        full = self.data.batch(self.batch_size, generator)  # every rank makes the same draws
+        rows = self.local_rows
+        batch = BertBatch(full.input_ids[rows], full.token_type_ids[rows],
+                          full.attention_mask[rows], full.mlm_labels[rows],
+                          full.nsp_labels[rows])  # fmt: skip
+        return BertShard(
+            batch.to(self.device),
+            mlm_tokens=int((full.mlm_labels != IGNORE_INDEX).sum()),
+            nsp_examples=int((full.nsp_labels != IGNORE_INDEX).sum()),
+        )
 
-    def loss(self, model: nn.Module, batch: BertBatch) -> Tensor:
-        return model(**batch.as_kwargs()).loss
+    def loss(self, model: nn.Module, batch: BertShard) -> Tensor:
+        b = batch.batch
+        out = model(b.input_ids, b.token_type_ids, b.attention_mask)
+        # Sum over this shard / global count: the mean over ranks of (world x this) is the
+        # global mean (dynsparse-bert.md: MLM loss per labelled token, NSP per example).
+        mlm = _summed_cross_entropy(out.mlm_logits, b.mlm_labels) / max(batch.mlm_tokens, 1)
+        nsp = _summed_cross_entropy(out.nsp_logits, b.nsp_labels) / max(batch.nsp_examples, 1)
+        return (mlm + nsp) * self.world_size
 
-    def units(self, batch: BertBatch) -> int:
-        return int(batch.input_ids.shape[0])
+    def units(self, batch: BertShard) -> int:
+        return int(batch.batch.input_ids.shape[0])
 
     def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> dict[str, float]:
         # One held-out set; "valid" and "test" use different draws of pairs from it.
         seed = 0 if split == "valid" else 1
         count = max_batches or self.config.eval_batches
-        batches = [
-            b.to(self.device) for b in self.data.heldout_batches(self.batch_size, count, seed)
-        ]
-        result = evaluate_pretraining(model, batches)
+        batches = self.data.heldout_batches(self.batch_size, count, seed)
+        mine = [b.to(self.device) for b in batches[self.rank :: self.world_size]]
+        result = eval_result(self.reduce_sum(pretraining_sums(model, mine)))
         return {
             "mlm_loss": result.mlm_loss,
             "nsp_loss": result.nsp_loss,
@@ -123,4 +194,12 @@ class BertTask(Task):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        # The vocabulary: a WordPiece trained again on resume would number tokens differently.
+        return {"tokenizer": self.tokenizer.to_str()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "tokenizer" not in state:
+            return  # a checkpoint from before the vocabulary was saved
+        tokenizer = Tokenizer.from_str(state["tokenizer"])
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            self._use_tokenizer(tokenizer)

@@ -2,6 +2,11 @@
 
 Data: Fashion-MNIST/MNIST IDX files, CIFAR-10 python batches, or a class-per-folder image
 directory; a stratified hold-out of the training images is the validation split.
+
+Under several processes each rank loads and augments only its rows of every global batch
+(:class:`~alwayssparse.data.images.ImageBatches`) and evaluation counts are all-reduced.
+BatchNorm statistics are those of the rank's shard unless the layers are synchronised
+(``train.sync_batchnorm``, CUDA only), so only then does a run match one process.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from alwayssparse.data.images import (
     ImageBatches,
     ImageSet,
     channel_stats,
-    evaluate_accuracy,
+    count_correct,
     holdout_split,
     load_cifar10,
     load_image_folder,
     load_mnist_like,
+    shard_rows,
 )
 from alwayssparse.models.resnet import ResNetConfig, build_resnet
 from alwayssparse.tasks.base import Task, register_task
@@ -68,8 +74,16 @@ class ImageTask(Task):
     unit = "images"
     metric = "accuracy"
 
-    def __init__(self, config: ImageTaskConfig, batch_size: int, device: torch.device) -> None:
-        super().__init__(config, batch_size, device)
+    def __init__(
+        self,
+        config: ImageTaskConfig,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, batch_size, device, rank=rank, world_size=world_size)
         if config.format == "folder":
             full = load_image_folder(config.path, config.image_size,
                                      channels=config.model.in_channels)  # fmt: skip
@@ -98,7 +112,8 @@ class ImageTask(Task):
             if self._batches is None:
                 self._batches = iter(ImageBatches(self.train_set, self.batch_size, generator,
                                                   train=True, mean=self.mean, std=self.std,
-                                                  device=self.device))  # fmt: skip
+                                                  device=self.device, rank=self.rank,
+                                                  world_size=self.world_size))  # fmt: skip
             try:
                 return next(self._batches)
             except StopIteration:  # next epoch: a fresh permutation
@@ -117,9 +132,12 @@ class ImageTask(Task):
         x, y = data.x, data.y
         if max_batches is not None:
             x, y = x[: max_batches * self.batch_size], y[: max_batches * self.batch_size]
-        accuracy = evaluate_accuracy(model, x, y, self.batch_size, mean=self.mean, std=self.std)
+        rows = shard_rows(len(x), self.rank, self.world_size)
+        correct = count_correct(model, x[rows], y[rows], self.batch_size, mean=self.mean,
+                                std=self.std)  # fmt: skip
         model.train()
-        return {"accuracy": accuracy}
+        correct_total = self.reduce_sum(torch.tensor([correct], dtype=torch.float64))
+        return {"accuracy": float(correct_total[0]) / len(x) if len(x) else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from alwayssparse.data import ByteDataConfig, evaluate_bpc, load_byte_corpus
-from alwayssparse.data.bytes import random_batch
+from alwayssparse.data import ByteDataConfig, load_byte_corpus
+from alwayssparse.data.bytes import nll_sums, random_batch
 from alwayssparse.models import TransformerLM, TransformerLMConfig, lm_loss
 from alwayssparse.tasks.base import Task, register_task
 
@@ -39,8 +39,16 @@ class ByteLMTask(Task):
     unit = "tokens"
     metric = "bpc"
 
-    def __init__(self, config: LMConfig, batch_size: int, device: torch.device) -> None:
-        super().__init__(config, batch_size, device)
+    def __init__(
+        self,
+        config: LMConfig,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, batch_size, device, rank=rank, world_size=world_size)
         self.splits = load_byte_corpus(config.data)
 
     def describe_data(self) -> str:
@@ -52,10 +60,12 @@ class ByteLMTask(Task):
     def train_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         x, y = random_batch(
             self.splits.train, self.batch_size, self.config.model.context, generator
-        )
-        return x.to(self.device), y.to(self.device)
+        )  # the global batch: every rank makes the same draws
+        rows = self.local_rows
+        return x[rows].to(self.device), y[rows].to(self.device)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        # Every shard has as many tokens: the mean over ranks of shard means is the global mean.
         x, y = batch
         return lm_loss(model(x), y)
 
@@ -64,6 +74,11 @@ class ByteLMTask(Task):
 
     def evaluate(self, model: nn.Module, split: str, max_batches: int | None) -> dict[str, float]:
         data = self.splits.valid if split == "valid" else self.splits.test
-        bpc = evaluate_bpc(model, data, self.batch_size, self.config.model.context,
-                           max_batches=max_batches, device=self.device)  # fmt: skip
-        return {"bpc": bpc, "nll": bpc * math.log(2)}
+        nats, count = nll_sums(model, data, self.batch_size, self.config.model.context,
+                               max_batches=max_batches, device=self.device, rank=self.rank,
+                               world_size=self.world_size)  # fmt: skip
+        total_nats, total = self.reduce_sum(torch.tensor([nats, count], dtype=torch.float64))
+        if total == 0:
+            raise ValueError(f"nothing to evaluate on {split} with max_batches={max_batches}")
+        nll = float(total_nats / total)
+        return {"bpc": nll / math.log(2), "nll": nll}

@@ -5,6 +5,11 @@ stream is cut into ``batch_size`` parallel rows, consecutive windows of ``tgt_le
 fed in order and each window attends to the cached hidden states (``mem_len``) of the previous
 ones. Evaluation runs over a whole split with the (longer) evaluation memory ``eval_mem_len``.
 Byte corpora report bits per character; WikiText-103 reports perplexity.
+
+Under several processes the streams are sharded: the ``batch_size`` training streams are cut as
+on one process and rank r trains rows ``[r b, (r + 1) b)``, keeping the memories of its own rows
+(rows never interact), so the run equals the 1-process run; evaluation streams are split over
+the ranks in the same way and the sums all-reduced.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alwayssparse.data import ByteDataConfig, load_byte_corpus
-from alwayssparse.data.wikitext import OrderedSegments, evaluate_segments, load_wikitext103
+from alwayssparse.data.wikitext import OrderedSegments, load_wikitext103, segment_nll_sums
 from alwayssparse.models.transformer_xl import TransformerXL, TransformerXLConfig, enwik8_tiny
 from alwayssparse.tasks.base import Task, register_task
 
@@ -53,8 +58,16 @@ class TransformerXLTask(Task):
     name = "xl"
     unit = "tokens"
 
-    def __init__(self, config: XLConfig, batch_size: int, device: torch.device) -> None:
-        super().__init__(config, batch_size, device)
+    def __init__(
+        self,
+        config: XLConfig,
+        batch_size: int,
+        device: torch.device,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__(config, batch_size, device, rank=rank, world_size=world_size)
         if config.wikitext103:
             vocab, splits = load_wikitext103(config.wikitext103)
             if config.model.vocab_size != len(vocab):
@@ -86,9 +99,11 @@ class TransformerXLTask(Task):
             self._iterator, self._position, self._mems = iter(self._segments), 0, None
             x, y = next(self._iterator)
         self._position += 1
-        return x.long().to(self.device), y.long().to(self.device)
+        rows = self.local_rows  # this rank's streams; its memories hold the same rows
+        return x[rows].long().to(self.device), y[rows].long().to(self.device)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        # Every shard has as many tokens: the mean over ranks of shard means is the global mean.
         x, y = batch
         nll, self._mems = model(x, y, self._mems)
         return nll.mean()
@@ -101,9 +116,12 @@ class TransformerXLTask(Task):
         if max_batches is not None:  # a prefix of the split, for quick checks during training
             limit = max_batches * self.config.eval_batch_size * self.config.model.tgt_len + 1
             data = data[:limit]
-        nll = evaluate_segments(model, data, self.config.eval_batch_size,
-                                self.config.model.tgt_len, self.config.model.eval_mem_len,
-                                device=self.device)  # fmt: skip
+        nats, count = segment_nll_sums(model, data, self.config.eval_batch_size,
+                                       self.config.model.tgt_len, self.config.model.eval_mem_len,
+                                       device=self.device, rank=self.rank,
+                                       world_size=self.world_size)  # fmt: skip
+        total_nats, total = self.reduce_sum(torch.tensor([nats, count], dtype=torch.float64))
+        nll = float(total_nats / total)
         if self.words:
             return {"ppl": math.exp(nll), "nll": nll}
         return {"bpc": nll / math.log(2), "nll": nll}
