@@ -1,4 +1,4 @@
-"""Command line: ``alwayssparse train|config|presets|methods``.
+"""Command line: ``alwayssparse train|sweep|report|config|presets|methods``.
 
 Each subcommand is a short function that turns arguments into a config and calls the library.
 Configuration changes are dotted ``key=value`` overrides (``model.n_layer=4``,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,31 +19,9 @@ from pathlib import Path
 from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
 from alwayssparse.methods import METHODS
+from alwayssparse.sparsity import parse_sparsity
+from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
 from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
-
-_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
-
-
-def _fraction(text: str) -> float:
-    match = _PERCENT.match(text)
-    if not match:
-        raise ValueError(f"cannot read {text!r} as a sparsity (e.g. 0.9 or 90%)")
-    value = float(match.group(1))
-    return value / 100.0 if match.group(2) else value
-
-
-def parse_sparsity(text: str) -> tuple[float, float | None]:
-    """Read ``"0.9"``, ``"90%"``, ``"0.9/0.8"`` or the paper's ``"(90%, 80%)"`` form.
-
-    Returns:
-        (forward sparsity, backward sparsity or ``None`` when only one value is given).
-    """
-    parts = [p for p in re.split(r"[/,]", text.strip().strip("()")) if p.strip()]
-    if len(parts) == 1:
-        return _fraction(parts[0]), None
-    if len(parts) == 2:
-        return _fraction(parts[0]), _fraction(parts[1])
-    raise ValueError(f"--sparsity takes FORWARD or FORWARD/BACKWARD, got {text!r}")
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -79,8 +57,49 @@ def _default_run_dir(config: RunConfig) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args)
     run_dir = Path(args.resume or args.out or _default_run_dir(config))
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(f"run directory: {run_dir}")
     train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    return 0
+
+
+_GRID = ("preset", "methods", "sparsities", "seeds", "sizes")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run (or resume) a grid of runs into ``--out`` and write the sweep report."""
+    if args.spec and "=" in args.spec and not Path(args.spec).exists():
+        args.overrides, args.spec = [args.spec, *args.overrides], None  # an override, not a file
+    if args.spec:
+        spec = SweepSpec.load(args.spec)
+        given = [k for k in _GRID if getattr(args, k)]
+        if given:
+            raise ValueError(f"give the grid in the spec file or as options, not both: {given}")
+    else:
+        spec = SweepSpec()
+        for key in _GRID:
+            if getattr(args, key):
+                setattr(spec, key, getattr(args, key))
+    spec.overrides = [*spec.overrides, *args.overrides]
+    if args.steps is not None:
+        spec.overrides.append(f"train.steps={args.steps}")
+    run_sweep(spec, args.out, progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report of a run directory or of a sweep directory."""
+    from alwayssparse.report import write_run_report, write_sweep_report  # matplotlib: lazily
+
+    directory = Path(args.directory)
+    if (directory / SPEC_FILE).exists():
+        print(write_sweep_report(directory))
+    elif (directory / "summary.json").exists():
+        print(write_run_report(directory))
+    else:
+        raise FileNotFoundError(
+            f"{directory} is neither a run directory (summary.json) nor a sweep ({SPEC_FILE})"
+        )
     return 0
 
 
@@ -135,6 +154,23 @@ def make_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/...)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.set_defaults(func=cmd_train)
+    p_sweep = sub.add_parser(
+        "sweep", help="run a grid of methods x sparsities x sizes x seeds (resumable)"
+    )
+    p_sweep.add_argument("spec", nargs="?", help="sweep spec file (.toml or .json)")
+    p_sweep.add_argument("--out", required=True, metavar="SWEEP_DIR", help="sweep directory")
+    p_sweep.add_argument("--preset", choices=sorted(PRESETS), help="base preset of every run")
+    p_sweep.add_argument("--methods", nargs="+", help="methods, dense included")
+    p_sweep.add_argument("--sparsities", nargs="+", help="e.g. 0.9 0.8/0.5 95%%")
+    p_sweep.add_argument("--sizes", nargs="+", metavar="PRESET", help="presets as model sizes")
+    p_sweep.add_argument("--seeds", nargs="+", type=int, help="train.seed values")
+    p_sweep.add_argument("--steps", type=int, help="optimizer steps of every run")
+    p_sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="for every run")
+    p_sweep.set_defaults(func=cmd_sweep)
+    p_report = sub.add_parser("report", help="(re)write the report of a run or a sweep")
+    p_report.add_argument("directory", help="a run directory or a sweep directory")
+    p_report.set_defaults(func=cmd_report)
     p_config = sub.add_parser("config", help="print the resolved configuration")
     _add_run_options(p_config)
     p_config.set_defaults(func=cmd_config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from alwayssparse.capture import GradientCapture
 from alwayssparse.layout import LayoutConfig, classify, layer_densities, summary_table
 from alwayssparse.masks import BLOCK_NORMS, check_block_shape
 from alwayssparse.methods import GMP, METHODS, SET, DynSparse, Method, RigL, Static, TopKAST
+from alwayssparse.methods.base import mark_forward
 from alwayssparse.optim_state import check_optimizer, zero_state
 from alwayssparse.regularizers import apply_group_lasso
 
@@ -169,6 +171,12 @@ class Sparsity:
             name: max(d, backward[name]) for name, d in self.target_densities.items()
         }
         self.generator = torch.Generator().manual_seed(seed)
+        if config.backend == "sparse" and not self.method.fixed_layer_counts:
+            raise ValueError(
+                "backend 'sparse' stores a fixed number of units per layer, but this "
+                f"{config.method} configuration moves units between layers (global selection); "
+                "use selection='layer' or backend 'masked'"
+            )
         self._backend = make_backend(config.backend)
         self.tensors = self._backend.attach(
             model,
@@ -197,6 +205,7 @@ class Sparsity:
     def regularizer(self) -> Tensor:
         """The method's extra loss term (Top-KAST's exploration loss), or a zero scalar."""
         self._backend.refresh_views(self.tensors)
+        self._check_unsharded()
         value = self.method.regularizer(self.tensors)
         if value is None:
             return torch.zeros((), device=self.tensors[0].weight.device)
@@ -213,6 +222,7 @@ class Sparsity:
         check_optimizer(optimizer)
         self._backend.check_optimizer(self.tensors, optimizer)
         self._backend.refresh_views(self.tensors)
+        self._check_unsharded()
         learning_rates = self._learning_rates(optimizer)
         updating = self.method.updates_at(step)
         self._backend.before_update(
@@ -231,9 +241,22 @@ class Sparsity:
             if t.name in entered:
                 # Entries that left B keep no stale history; entries that entered start afresh.
                 zero_state(optimizer, t.weight, ~t.grad_mask | entered[t.name])
-                self.ever_active[t.name] |= self._backend.dense_masks(t)[0]
+                mark_forward(t, self.ever_active[t.name])  # in place, no dense temporary
         self._backend.after_update(self.tensors, optimizer)
         self._prepare(step + 1)
+
+    def _check_unsharded(self) -> None:
+        """Refuse parameters sharded by FSDP (DTensors): masks are whole tensors on every rank
+        and are applied to whole parameters; data parallelism goes through DDP."""
+        for t in self.tensors:
+            for tensor in (t.weight, self._backend.parameter(t)):
+                if isinstance(tensor, _SHARDED_TYPES):
+                    raise NotImplementedError(
+                        f"{t.name} is sharded ({type(tensor).__name__}, e.g. by FSDP's "
+                        "fully_shard): alwayssparse holds whole masks and whole parameters on "
+                        "every rank, so FSDP is not supported; train data parallel with "
+                        "DistributedDataParallel (README: Multi-process training)"
+                    )
 
     def _prepare(self, upcoming: int) -> None:
         """Get ready for optimizer step ``upcoming`` (capture its gradient if the method asks)."""
@@ -317,5 +340,41 @@ class Sparsity:
         self._backend.export(self._model)
 
 
+def _sharded_types() -> tuple[type, ...]:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # PyTorch without torch.distributed, or before 2.4
+        return ()
+    return (DTensor,)
+
+
+_SHARDED_TYPES = _sharded_types()
+
+
 def _fraction(mask: Tensor) -> float:
     return int(torch.count_nonzero(mask)) / mask.numel()
+
+
+_PERCENT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
+
+
+def _parse_fraction(text: str) -> float:
+    match = _PERCENT.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a sparsity (e.g. 0.9 or 90%)")
+    value = float(match.group(1))
+    return value / 100.0 if match.group(2) else value
+
+
+def parse_sparsity(text: str) -> tuple[float, float | None]:
+    """Read ``"0.9"``, ``"90%"``, ``"0.9/0.8"`` or the paper's ``"(90%, 80%)"`` form.
+
+    Returns:
+        (forward sparsity, backward sparsity or ``None`` when only one value is given).
+    """
+    parts = [p for p in re.split(r"[/,]", text.strip().strip("()")) if p.strip()]
+    if len(parts) == 1:
+        return _parse_fraction(parts[0]), None
+    if len(parts) == 2:
+        return _parse_fraction(parts[0]), _parse_fraction(parts[1])
+    raise ValueError(f"a sparsity takes FORWARD or FORWARD/BACKWARD, got {text!r}")

@@ -7,7 +7,13 @@ three sparsity lines are marked. A run directory holds:
     layout.txt      which parameters are sparse or dense, and why
     metrics.jsonl   one JSON object per logged training step or evaluation
     checkpoint.pt   model (with masks), optimizer, sparsity and RNG state; resumes the run
-    summary.json    final validation/test metrics, densities, parameter counts
+    summary.json    final validation/test metrics, densities, FLOPs, parameter counts
+    flops.txt       training FLOPs per layer: forward, input gradient, weight gradient
+    dynamics.jsonl  mask dynamics at recorded points (changed fraction, reservoir entered A,
+                    explored degrees of freedom, per-layer density); pattern.npy: the
+                    accumulated forward pattern of one layer (sparse runs)
+    report.md       a one-page report, with its plots in plots/ (``train.report``)
+    events.*        TensorBoard event files (``train.tensorboard``)
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
+from alwayssparse import distributed
 from alwayssparse.backends import SparseLinear
 from alwayssparse.config import from_dict, to_dict
+from alwayssparse.dynamics import MaskDynamics
+from alwayssparse.flops import FlopLedger
 from alwayssparse.methods import METHODS
 from alwayssparse.models import TransformerLMConfig, bert_config
 from alwayssparse.models.resnet import ResNetConfig
@@ -38,6 +47,7 @@ from alwayssparse.models.transformer_xl import (
     enwik8_tiny,
     wikitext103_large,
 )
+from alwayssparse.report import TensorBoardLogger, write_run_report
 from alwayssparse.schedules import sparse_learning_rate
 from alwayssparse.sparsity import Sparsity, SparsityConfig
 from alwayssparse.tasks import TASKS, BertTaskConfig, ImageTaskConfig, LMConfig, Task, XLConfig
@@ -120,8 +130,26 @@ class LoopConfig:
         log_interval: Write a metrics line every this many steps.
         checkpoint_interval: Save a checkpoint every this many steps (and at the end).
         seed: Seeds the model init, the batches and the sparsity method's generator.
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``... Under
+            several processes (torchrun) ``"auto"`` and ``"cuda"`` mean ``cuda:LOCAL_RANK``.
         threads: CPU threads for PyTorch (0 leaves PyTorch's default).
+        dist_timeout: Seconds a collective waits for the other processes before the run fails
+            (a dead or stuck rank then stops the job instead of hanging it).
+        dist_check_interval: Under several processes, check every this many steps that all
+            ranks hold bit-identical parameters, masks and sparsity state (0: only when a
+            checkpoint is written, which always checks).
+        sync_batchnorm: Under several processes, BatchNorm uses the statistics of the global
+            batch (SyncBatchNorm, CUDA only; on CPU set it to false: per-process statistics).
+        dynamics_interval: Record mask dynamics every this many steps (``None``: 50 points
+            over the run; 0: off). Sparse runs only.
+        pattern_layer: The sparse tensor whose accumulated mask pattern is kept (default: the
+            largest).
+        flop_scope: Count FLOPs only inside modules whose name matches one of these ``fnmatch``
+            patterns (empty: the whole model). The BERT presets use ``["layers"]``, the
+            encoder, which is what the BERT paper's FLOP figures count.
+        report: Write ``report.md`` and its plots into the run directory at the end.
+        tensorboard: Also write every metrics record as TensorBoard scalars (needs the
+            ``tensorboard`` extra).
     """
 
     steps: int = 1000
@@ -134,15 +162,30 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT
+    dist_check_interval: int = 0
+    sync_batchnorm: bool = True
+    dynamics_interval: int | None = None
+    pattern_layer: str | None = None
+    flop_scope: list[str] = field(default_factory=list)
+    report: bool = True
+    tensorboard: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field if the configuration is invalid."""
         for key in ("steps", "batch_size", "eval_interval", "log_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_batches", "final_eval_batches", "checkpoint_interval", "threads"):
+        for key in ("eval_batches", "final_eval_batches", "checkpoint_interval", "threads",
+                    "dist_check_interval"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.dynamics_interval is not None and self.dynamics_interval < 0:
+            raise ValueError(
+                f"train.dynamics_interval must be >= 0 or None, got {self.dynamics_interval}"
+            )
+        if self.dist_timeout <= 0:
+            raise ValueError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 @dataclass
@@ -258,7 +301,8 @@ def _bert(size: str, steps: int = 100_000) -> RunConfig:
                                warmup_steps=10_000, schedule="linear", min_lr_ratio=0.0,
                                sparsity_lr_scaling=True)  # fmt: skip
     config.train = LoopConfig(steps=steps, batch_size=256, eval_interval=5000,
-                              checkpoint_interval=5000, final_eval_batches=0)  # fmt: skip
+                              checkpoint_interval=5000, final_eval_batches=0,
+                              flop_scope=["layers"])  # fmt: skip
     config.sparsity.method, config.sparsity.sparsity = "dynsparse", 0.9
     config.sparsity.dynsparse.init_std = 0.02
     return config
@@ -271,7 +315,8 @@ def _bert_tiny_here() -> RunConfig:
     config.bert.max_seq_len = 64
     config.optim.warmup_steps = 10
     config.train = LoopConfig(steps=100, batch_size=16, eval_interval=50, eval_batches=4,
-                              final_eval_batches=8, checkpoint_interval=50)  # fmt: skip
+                              final_eval_batches=8, checkpoint_interval=50,
+                              flop_scope=["layers"])  # fmt: skip
     return config
 
 
@@ -334,10 +379,9 @@ def preset(name: str) -> RunConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` means CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``"auto"`` means CUDA when available, else CPU (one process; under several, each takes
+    ``cuda:LOCAL_RANK``, see :func:`alwayssparse.distributed.process_device`)."""
+    return distributed.process_device(name, local_rank=0, world_size=1)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -402,13 +446,26 @@ def density_report(sparsity: Sparsity | None) -> dict[str, float]:
     }
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
+def flop_report(ledger: FlopLedger, world_size: int = 1) -> dict[str, float]:
+    """Training FLOPs so far and of the last step, over all processes (each process counts its
+    own shard; the shards are equal), and the inference FLOPs of one example."""
+    metrics = ledger.metrics()
+    for key in ("train_flops", "step_flops"):
+        if key in metrics:
+            metrics[key] *= world_size
+    return metrics
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (when ``enabled``: on rank 0)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -436,6 +493,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 @torch.no_grad()
 def _evaluate(task: Task, model: nn.Module, split: str, batches: int) -> dict[str, float]:
+    # Every rank evaluates its share of the split (the task all-reduces the sums), with
+    # rank 0's BatchNorm statistics, as DDP's convention has it.
+    distributed.broadcast_batchnorm_stats(model)
     model.eval()
     # Cache alpha = theta * A once per evaluation instead of once per forward call.
     with parametrize.cached():
@@ -457,6 +517,11 @@ def train(
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; return the final summary.
 
+    Under ``torchrun`` (or inside an initialized process group) the run is data parallel:
+    ``train.batch_size`` is the global batch, split evenly over the processes, the model is
+    wrapped in DistributedDataParallel, every rank returns the same summary, and only rank 0
+    writes to ``run_dir`` and logs (see :mod:`alwayssparse.distributed`).
+
     Args:
         config: The run configuration (validated before anything is built).
         run_dir: Output directory. Created if missing; with ``resume`` it must hold a checkpoint.
@@ -465,23 +530,53 @@ def train(
         log: Where human-readable lines go.
     """
     config.validate()
-    run_dir = Path(run_dir)
+    with distributed.session(config.train.device, config.train.dist_timeout) as context:
+        if not context.is_main:
+            progress, log = False, _silent
+        try:
+            # Rank 0's directory everywhere (a default name holds each process's timestamp).
+            run_dir = distributed.broadcast_object(str(run_dir))
+            return _train(config, Path(run_dir), context, resume=resume, progress=progress,
+                          log=log)  # fmt: skip
+        except Exception as error:
+            if context.distributed and hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(distributed.failure_note(context, config.train.dist_timeout))
+            raise
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _train(
+    config: RunConfig,
+    run_dir: Path,
+    context: distributed.DistContext,
+    *,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The body of :func:`train`, for one process of ``context``."""
     checkpoint_path = run_dir / "checkpoint.pt"
     if resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"cannot resume: {checkpoint_path} does not exist")
     if not resume and checkpoint_path.exists():
         raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.train.device)
+    if context.is_main:  # only rank 0 writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = context.device
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     peak_lr = base_learning_rate(config)
     torch.manual_seed(config.train.seed)
 
     # Task: data and model.
-    task = TASKS[config.task](config.task_config(), config.train.batch_size, device)
+    task = TASKS[config.task](config.task_config(), config.train.batch_size, device,
+                              rank=context.rank, world_size=context.world_size)  # fmt: skip
     log(f"task {config.task}, data {task.describe_data()}")
-    model = task.build_model().to(device)
+    model = task.build_model()
+    model = distributed.prepare_batchnorm(model, context, config.train.sync_batchnorm).to(device)
 
     # Sparsity line 1 of 3: make the model sparse (the layout table says what and why).
     sparsity = None
@@ -490,19 +585,58 @@ def train(
             model, config.sparsity, seed=config.train.seed, total_steps=config.train.steps
         )
         layout = sparsity.summary()
-        (run_dir / "layout.txt").write_text(layout + "\n")
+        if context.is_main:
+            (run_dir / "layout.txt").write_text(layout + "\n")
         log(layout)
     optimizer = build_optimizer(model, config.optim)
+    # FLOPs actually spent, per layer and step (dynsparse-bert.md appendix A.2).
+    ledger = FlopLedger(model, sparsity, scope=config.train.flop_scope or None)
     batch_generator = torch.Generator().manual_seed(config.train.seed)
+    # Mask dynamics, recorded on rank 0 only (every rank holds the same masks).
+    dynamics = _mask_dynamics(config.train, sparsity) if context.is_main else None
 
     start = 0
     if resume:
-        start = _load_checkpoint(checkpoint_path, model, optimizer, sparsity, batch_generator, task)
+        start = _load_checkpoint(
+            checkpoint_path, model, optimizer, sparsity, batch_generator, task,
+            extras={"dynamics": dynamics, "flops": ledger},
+        )  # fmt: skip
         log(f"resumed from {checkpoint_path} at step {start}")
-    _write_json(to_dict(config), run_dir / "config.json")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    # Several processes: masks are never sent, so every rank must start from the same state;
+    # DDP gets the model after Sparsity has attached (its gradient hooks see the final params).
+    def check_ranks(step: int) -> None:
+        distributed.broadcast_batchnorm_stats(model)  # the only state allowed to differ
+        state = distributed.training_state(model, sparsity)
+        distributed.assert_same_across_ranks(state, f"the training state at step {step}")
+
+    check_ranks(start)
+    train_model = distributed.wrap_model(model, context)
+    if context.distributed:
+        torch.manual_seed(config.train.seed + context.rank)  # independent dropout per rank
+    if context.is_main:
+        _write_json(to_dict(config), run_dir / "config.json")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=context.is_main)
+    board = TensorBoardLogger(run_dir) if config.train.tensorboard and context.is_main else None
+
+    def write(record: dict[str, Any], kind: str | None = None) -> None:
+        if kind is None:
+            metrics.write(record)
+        if board is not None:
+            board.log(record, kind)
+
+    def record_dynamics(step: int) -> None:
+        if dynamics is not None and (step == 0 or dynamics.due(step)):
+            write(dynamics.record(step), kind="dynamics")
+            dynamics.write_to(run_dir)
+
+    if not resume:
+        record_dynamics(0)
 
     def save(step: int) -> None:
+        check_ranks(step)
+        if not context.is_main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -511,6 +645,8 @@ def train(
             "sparsity": sparsity.state_dict() if sparsity is not None else None,
             "batch_generator": batch_generator.get_state(),
             "task": task.state_dict(),
+            "dynamics": dynamics.state_dict() if dynamics is not None else None,
+            "flops": ledger.state_dict(),
             "config": to_dict(config),
         }
         _atomic_save(state, checkpoint_path)
@@ -527,7 +663,7 @@ def train(
             group["lr"] = lr
         batch = task.train_batch(batch_generator)
         units_done += task.units(batch)
-        loss = task.loss(model, batch)
+        loss = task.loss(train_model, batch)
         # Sparsity line 2 of 3: the method's regulariser (Top-KAST's exploration loss).
         regularizer = sparsity.regularizer() if sparsity is not None else torch.zeros(())
         total_loss = loss + regularizer
@@ -540,23 +676,30 @@ def train(
         if sparsity is not None:
             sparsity.step(step, optimizer)
 
+        ledger.record(step)
         done = step + 1
+        record_dynamics(done)
+        if config.train.dist_check_interval and done % config.train.dist_check_interval == 0:
+            check_ranks(done)
         if done % config.train.log_interval == 0 or done == steps:
             now = time.perf_counter()
-            throughput = units_done / max(now - last_time, 1e-9)
+            # Loss averaged and throughput summed over ranks (identical to the global batch's).
+            shared = distributed.all_reduce_mean({"loss": loss.item(), "units": units_done})
+            throughput = shared["units"] * context.world_size / max(now - last_time, 1e-9)
             last_time, units_done = now, 0
             record = {
-                "kind": "train", "step": done, "loss": loss.item(),
+                "kind": "train", "step": done, "loss": shared["loss"],
                 "regularizer": regularizer.detach().item(), "lr": lr,
                 f"{task.unit}_per_second": throughput, **density_report(sparsity),
+                **flop_report(ledger, context.world_size),
             }  # fmt: skip
             if task.metric == "bpc":
-                record["bpc"] = loss.item() / math.log(2)
-            metrics.write(record)
+                record["bpc"] = shared["loss"] / math.log(2)
+            write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", per_s=f"{throughput:,.0f}")
         if done % config.train.eval_interval == 0 and done != steps:
             valid = _evaluate(task, model, "valid", config.train.eval_batches)
-            metrics.write({"kind": "eval", "step": done, **valid})
+            write({"kind": "eval", "step": done, **valid})
             log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in valid.items()))
         if config.train.checkpoint_interval and done % config.train.checkpoint_interval == 0:
             save(done)
@@ -574,14 +717,32 @@ def train(
         **_evaluate(task, model, "test", final),
         "train_seconds": wall,
         **density_report(sparsity),
+        **flop_report(ledger, context.world_size),
         "parameters": sparsity.parameter_counts() if sparsity is not None else {
             "total": sum(p.numel() for p in model.parameters()),
         },
     }  # fmt: skip
-    metrics.write({"kind": "final", **summary})
-    _write_json(summary, run_dir / "summary.json")
+    write({"kind": "final", **summary})
+    if board is not None:
+        board.close()
+    if context.is_main:
+        _write_json(summary, run_dir / "summary.json")
+        (run_dir / "flops.txt").write_text(ledger.table(cumulative=True) + "\n")
     log(format_summary(summary))
+    if config.train.report and context.is_main:
+        try:
+            log(f"report: {write_run_report(run_dir)}")
+        except Exception as error:  # the run itself is saved; do not lose it to a plot
+            log(f"warning: writing the report failed ({error!r}); rerun: alwayssparse report DIR")
     return summary
+
+
+def _mask_dynamics(loop: LoopConfig, sparsity: Sparsity | None) -> MaskDynamics | None:
+    """The mask-dynamics tracker of a sparse run (``None`` for dense runs or when off)."""
+    if sparsity is None or loop.dynamics_interval == 0:
+        return None
+    interval = loop.dynamics_interval or max(1, loop.steps // 50)
+    return MaskDynamics(sparsity, interval, loop.pattern_layer)
 
 
 def _load_checkpoint(
@@ -591,7 +752,10 @@ def _load_checkpoint(
     sparsity: Sparsity | None,
     batch_generator: torch.Generator,
     task: Task,
+    extras: dict[str, Any] | None = None,
 ) -> int:
+    """Restore a checkpoint; ``extras`` are further objects with ``load_state_dict`` (or
+    ``None``), restored from the entry of the same name when the checkpoint has one."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')}")
@@ -601,6 +765,9 @@ def _load_checkpoint(
         sparsity.load_state_dict(state["sparsity"])
     batch_generator.set_state(state["batch_generator"])
     task.load_state_dict(state["task"])
+    for key, target in (extras or {}).items():
+        if target is not None and state.get(key) is not None:
+            target.load_state_dict(state[key])
     return int(state["step"])
 
 
@@ -612,6 +779,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"method {summary['method']}: {summary['steps']} steps in {summary['train_seconds']:.1f} s",
         f"  valid {metric} {summary[f'valid_{metric}']:.4f}   "
         f"test {metric} {summary[f'test_{metric}']:.4f}",
+        f"  FLOPs: {summary['train_flops']:.3e} training, "
+        f"{summary['inference_flops']:.3e} inference per example",
         f"  density used: forward {summary['forward_density']:.4f}, "
         f"backward {summary['backward_density']:.4f} (over sparse tensors); "
         f"explored {summary['explored_dof']:.4f} of sparse positions",
