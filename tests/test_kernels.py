@@ -105,6 +105,25 @@ def test_bsr_kernels_match_dense(b, n, nbi, nbo, d, index, backend):
     _close(K.bsr_to_dense(bp, bc, g, fin), (gy.T @ x) * full)
 
 
+@pytest.mark.parametrize("b", [4, 8, 16])
+@pytest.mark.parametrize("d", [0.003, 0.15])
+def test_bsr_sampled_grad_tiled(b, d):
+    """Several (ragged) batch tiles, wide inputs (smaller tiles), sparse and empty block rows."""
+    gen = torch.Generator().manual_seed(b + int(d * 1000))
+    n, fin, fout = 531, 2048, 320
+    bm = torch.rand(fout // b, fin // b, generator=gen) < d
+    bm[: fout // b // 3] = False  # a run of empty block rows
+    bm[-1, -1] = True
+    bp, bc, bl = K.dense_to_bsr(torch.randn(fout, fin, generator=gen), bm, b)
+    x = torch.randn(n, fin, generator=gen)
+    gy = torch.randn(n, fout, generator=gen)
+    full = bm.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    g = K.bsr_sampled_grad(bp, bc.int(), gy, x)
+    _close(K.bsr_to_dense(bp, bc, g, fin), (gy.T @ x) * full)
+    g0 = K.bsr_sampled_grad(bp, bc, gy[:0], x[:0])  # empty batch: zero gradient
+    assert g0.shape == bl.shape and not g0.any()
+
+
 def test_fast_path_matches_torch_fallback(backend):
     if backend == "torch":
         pytest.skip("compiled kernels not available")

@@ -7,9 +7,11 @@
 // CSR of W^T), so it is the same kernel and needs no atomics.  The sampled weight gradient
 // (SDDMM) keeps one partial gradient per thread and sums them at the end.
 //
-// Block-sparse (BSR, b x b blocks, b = 4, 8, 16) kernels work directly on the row-major
+// Block-sparse (BSR, b x b blocks, b = 4, 8, 16) products work directly on the row-major
 // activations: one block is a small dense (NR x b) += (NR x b) * (b x b) product with NR rows of
-// the batch held in vector registers (vector width = b floats).
+// the batch held in vector registers (vector width = b floats).  The block weight gradient packs
+// batch tiles of x into column panels and the grad_y columns of a chunk of block rows (row-wise
+// reads), and keeps each b x b block gradient in vector registers over a batch tile.
 //
 // Compiled just in time by alwayssparse.kernels._build with -O3 -march=native -ffp-contract=fast
 // (FMA contraction only, no -ffast-math).  Parallelism: at::parallel_for (torch's intra-op pool).
@@ -149,8 +151,9 @@ template <int NT>
 void pack_tile_t(const float* __restrict x, int64_t ld, int64_t n0, int64_t nt, int64_t K,
                  float* __restrict bt) {
   const int64_t jf = nt / 16 * 16, cf = K / 16 * 16;
-  for (int64_t c0 = 0; c0 < cf; c0 += 16)
-    for (int64_t j0 = 0; j0 < jf; j0 += 16)
+  // Row-block outer: 16 sequential row streams (prefetch-friendly for wide rows).
+  for (int64_t j0 = 0; j0 < jf; j0 += 16)
+    for (int64_t c0 = 0; c0 < cf; c0 += 16)
       transpose16(x + (n0 + j0) * ld + c0, ld, bt + c0 * NT + j0, NT);
   // Ragged edges.
   for (int64_t j = 0; j < nt; ++j) {
@@ -301,7 +304,8 @@ void sddmm_fm(const int64_t* ptr, const I* idx, int64_t R, const float* gy,
     used[tid] = 1;
     float* part = parts[tid].get();
     Buf bt = alloc_aligned(K * NT);
-    Buf gb = alloc_aligned(16 * NT);
+    constexpr int64_t SG = 16;
+    Buf gb = alloc_aligned(SG * 16 * NT);
     int64_t cur = -1;
     for (; it >= 0; it = next()) {
       const int64_t t = it / s.nchunks, c = it % s.nchunks;
@@ -310,13 +314,19 @@ void sddmm_fm(const int64_t* ptr, const I* idx, int64_t R, const float* gy,
         pack_tile_t<NT>(x, K, n0, nt, K, bt.get());
         cur = t;
       }
+      int64_t pg0 = 0, pg1 = -1;
       const int64_t g1 = std::min(s.ngroups, (c + 1) * s.gper);
       for (int64_t g = c * s.gper; g < g1; ++g) {
         const int64_t r0 = g * 16, rr = std::min<int64_t>(16, R - r0);
         if (ptr[r0 + rr] == ptr[r0]) continue;
-        float* gt = gb.get();
-        if (rr < 16) std::memset(gt, 0, sizeof(float) * 16 * NT);
-        pack_tile_t<NT>(gy + r0, R, n0, nt, rr, gt);
+        // grad_y columns of SG groups are packed at once (row-wise reads of gy).
+        if (g >= pg1) {
+          pg0 = g;
+          pg1 = std::min(g1, g + SG);
+          const int64_t c1 = std::min(R, pg1 * 16);
+          pack_tile_t<NT>(gy + r0, R, n0, nt, c1 - r0, gb.get());
+        }
+        const float* gt = gb.get() + (g - pg0) * 16 * NT;
         // Dot products of 16 consecutive stored entries are reduced together.
         alignas(64) vf16 pend[16];
         int np = 0;
@@ -515,14 +525,15 @@ std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int
 template <int B, int NR, typename I>
 inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
                      const float* __restrict wt, int64_t i0, int64_t i1,
-                     const float* __restrict x, int64_t K, float* __restrict y, int64_t M) {
+                     const float* __restrict x, int64_t K, float* __restrict y, int64_t M,
+                     int64_t bstride = B) {
   typedef typename VecOf<B>::type vb;
   for (int64_t i = i0; i < i1; ++i) {
     vb acc[NR];
 #pragma GCC unroll 32
     for (int t = 0; t < NR; ++t) acc[t] = vb{};
     for (int64_t blk = bptr[i]; blk < bptr[i + 1]; ++blk) {
-      const float* xs = x + bidx[blk] * B;
+      const float* xs = x + bidx[blk] * bstride;
       const vb* w = reinterpret_cast<const vb*>(wt + blk * B * B);
 #pragma GCC unroll 4
       for (int q = 0; q < B; ++q) {
@@ -539,20 +550,34 @@ inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
 template <int B, typename I>
 void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t NBR,
                    const float* x, int64_t N, int64_t K, float* y) {
-  constexpr int NR = (B == 16) ? 12 : 12;
+  constexpr int NR = 12;
   const int64_t M = NBR * B;
   const int64_t nblk = (N + NR - 1) / NR;
   const int64_t nth = at::get_num_threads();
   int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(NBR, (8 * nth + nblk - 1) / nblk));
   const int64_t iper = (NBR + nchunks - 1) / nchunks;
   nchunks = (NBR + iper - 1) / iper;
+  const int64_t NBC = K / B;
   run_workers(nblk * nchunks, [&](int64_t, auto& next) {
+    // The NR rows of x of the current row group, packed per block column: xk[j][t][q], so the
+    // x operand of a block is NR * B contiguous floats (no cache-set conflicts between rows).
+    Buf xbuf = alloc_aligned(NR * K);
+    float* xk = xbuf.get();
+    int64_t cur = -1;
     for (int64_t it; (it = next()) >= 0;) {
       const int64_t nb = it / nchunks, c = it % nchunks;
       const int64_t n0 = nb * NR, nr = std::min<int64_t>(NR, N - n0);
       const int64_t i0 = c * iper, i1 = std::min(NBR, i0 + iper);
       if (nr == NR) {
-        bsr_rows<B, NR, I>(bptr, bidx, wt, i0, i1, x + n0 * K, K, y + n0 * M, M);
+        if (nb != cur) {
+          for (int t = 0; t < NR; ++t) {
+            const float* src = x + (n0 + t) * K;
+            for (int64_t j = 0; j < NBC; ++j)
+              std::memcpy(xk + (j * NR + t) * B, src + j * B, sizeof(float) * B);
+          }
+          cur = nb;
+        }
+        bsr_rows<B, NR, I>(bptr, bidx, wt, i0, i1, xk, B, y + n0 * M, M, NR * B);
       } else {
         for (int64_t n = n0; n < n0 + nr; ++n)
           bsr_rows<B, 1, I>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M);
@@ -562,38 +587,168 @@ void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t 
 }
 
 // G[blk][p][q] = sum_n gy[n, i*B + p] * x[n, j*B + q]
+//
+// Block rows are split into chunks of about equal block counts; a worker walks its chunk batch
+// tile by batch tile (T rows).  Per tile it packs x into column panels xp[j][n][q] (L2), so a
+// block's x operand is one contiguous (T x B) stream, and the chunk's grad_y columns into
+// gc[i][n][p] (row-wise reads), reused by all blocks of a block row.  The accumulator of a block (B x B) stays in vector registers over the whole tile:
+//  * B = 16: acc[p] (16 x vf16) += broadcast(gy[n][p]) * x[n][0:16];
+//  * B = 4, 8: L = 16 / B batch rows share one vf16: lanes l <-> (row n + l / B, column l % B),
+//    with grad_y packed pre-broadcast (lane l holds gy[n + l / B][p]); the L partial sums of a
+//    column are added at the end.
+template <int B>
+inline void sddmm_block(const float* __restrict gb, const float* __restrict xs, int64_t nt,
+                        float* __restrict g, bool first) {
+  if constexpr (B == 16) {
+    vf16 acc[16];
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) acc[p] = vf16{};
+    for (int64_t n = 0; n < nt; ++n) {
+      const vf16 xv = *reinterpret_cast<const vf16*>(xs + n * 16);
+      const float* gr = gb + n * 16;
+#pragma GCC unroll 16
+      for (int p = 0; p < 16; ++p) acc[p] += gr[p] * xv;
+    }
+    vf16u* o = reinterpret_cast<vf16u*>(g);
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) o[p] = first ? acc[p] : o[p] + acc[p];
+  } else {
+    constexpr int L = 16 / B;
+    const int64_t ng = (nt + L - 1) / L;
+    vf16 a0[B], a1[B];
+#pragma GCC unroll 16
+    for (int p = 0; p < B; ++p) {
+      a0[p] = vf16{};
+      a1[p] = vf16{};
+    }
+    const vf16* gv = reinterpret_cast<const vf16*>(gb);
+    const vf16* xv = reinterpret_cast<const vf16*>(xs);
+    int64_t q = 0;
+    for (; q + 1 < ng; q += 2) {
+      const vf16 x0 = xv[q], x1 = xv[q + 1];
+#pragma GCC unroll 16
+      for (int p = 0; p < B; ++p) {
+        a0[p] += gv[q * B + p] * x0;
+        a1[p] += gv[(q + 1) * B + p] * x1;
+      }
+    }
+    if (q < ng) {
+      const vf16 x0 = xv[q];
+#pragma GCC unroll 16
+      for (int p = 0; p < B; ++p) a0[p] += gv[q * B + p] * x0;
+    }
+    typedef typename VecOf<B>::type vb;
+    vb* o = reinterpret_cast<vb*>(g);
+#pragma GCC unroll 16
+    for (int p = 0; p < B; ++p) {
+      const vf16 s = a0[p] + a1[p];
+      const vf8 h = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);
+      vb v;
+      if constexpr (B == 8) {
+        v = h;
+      } else {
+        v = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+      }
+      o[p] = first ? v : o[p] + v;
+    }
+  }
+}
+
 template <int B, typename I>
 void bsr_sddmm_impl(const int64_t* bptr, const I* bidx, int64_t NBR, const float* gy,
                     const float* x, int64_t N, int64_t K, float* G) {
-  typedef typename VecOf<B>::type vb;
-  const int64_t M = NBR * B;
-  int64_t T = 256;
-  while (T > 16 && T * K * 4 > (1 << 20)) T /= 2;
+  constexpr int L = 16 / B;
+  const int64_t M = NBR * B, NBC = K / B;
   const int64_t nth = at::get_num_threads();
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(8, NBR / (8 * nth)));
-  const int64_t items = (NBR + per - 1) / per;
-  run_workers(items, [&](int64_t, auto& next) {
+  // Chunks of block rows with about equal block counts.
+  const int64_t nb = bptr[NBR];
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(NBR, 2 * nth));
+  std::vector<int64_t> cb(nchunks + 1, NBR);
+  cb[0] = 0;
+  int64_t maxrows = 0;
+  for (int64_t c = 1; c <= nchunks; ++c) {
+    if (c < nchunks) {
+      const int64_t target = nb * c / nchunks;
+      cb[c] = std::lower_bound(bptr, bptr + NBR + 1, target) - bptr;
+      cb[c] = std::max(cb[c], cb[c - 1]);
+    }
+    maxrows = std::max(maxrows, cb[c] - cb[c - 1]);
+  }
+  // Batch tile: the x panels of one tile (T x K) and the grad_y columns of a chunk
+  // (T x rows * B) fit in L2, as does the pre-broadcast grad_y of one block row (T * B * B
+  // floats, B < 16).
+  int64_t T = 256;
+  while (T > 32 && (T * K * 4 > (1 << 20) || T * maxrows * B * 4 > (512 << 10))) T /= 2;
+  if constexpr (B < 16) {
+    while (T > 32 && T * B * B * 4 > (64 << 10)) T /= 2;
+  }
+  const int64_t gsz = (B == 16) ? 16 : T * B * B;
+  run_workers(nchunks, [&](int64_t, auto& next) {
+    Buf gbuf = alloc_aligned(gsz);
+    Buf cbuf = alloc_aligned(T * maxrows * B);
+    Buf xbuf = alloc_aligned(NBC * T * B);
+    float* gb = gbuf.get();
+    float* gc = cbuf.get();
+    float* xp = xbuf.get();
     for (int64_t it; (it = next()) >= 0;) {
-      const int64_t b = it * per, e = std::min(NBR, b + per);
+      const int64_t ib = cb[it], ie = cb[it + 1];
+      if (bptr[ie] == bptr[ib]) continue;
+      // Non-empty block rows and column panels used by this chunk (only those are packed).
+      std::vector<int64_t> rs, js;
+      std::vector<char> used(NBC, 0);
+      for (int64_t i = ib; i < ie; ++i) {
+        if (bptr[i + 1] > bptr[i]) rs.push_back(i);
+        for (int64_t k = bptr[i]; k < bptr[i + 1]; ++k) used[bidx[k]] = 1;
+      }
+      for (int64_t j = 0; j < NBC; ++j)
+        if (used[j]) js.push_back(j);
+      const int64_t nr = static_cast<int64_t>(rs.size());
       for (int64_t n0 = 0; n0 < N; n0 += T) {
-        const int64_t n1 = std::min(N, n0 + T);
-        for (int64_t i = b; i < e; ++i) {
+        const int64_t nt = std::min(T, N - n0);
+        const bool first = (n0 == 0);
+        // x tile in column panels xp[j][n][q] (rows nt..round_up(nt, 16) zero).
+        const int64_t ntp = (nt + 15) / 16 * 16;
+        for (int64_t n = 0; n < ntp; ++n) {
+          if (n < nt) {
+            const float* src = x + (n0 + n) * K;
+            for (const int64_t j : js)
+              std::memcpy(xp + (j * T + n) * B, src + j * B, sizeof(float) * B);
+          } else {
+            for (const int64_t j : js) std::memset(xp + (j * T + n) * B, 0, sizeof(float) * B);
+          }
+        }
+        // Row-wise (sequential) read of the chunk's grad_y columns: gc[il][n][p].
+        for (int64_t n = 0; n < nt; ++n) {
+          const float* src = gy + (n0 + n) * M + ib * B;
+          for (int64_t il = 0; il < nr; ++il)
+            std::memcpy(gc + (il * T + n) * B, src + (rs[il] - ib) * B, sizeof(float) * B);
+        }
+        for (int64_t il = 0; il < nr; ++il) {
+          const int64_t i = rs[il];
+          const float* gs = gc + il * T * B;
+          const float* gp = gs;
+          if constexpr (B < 16) {
+            const int64_t ng = (nt + L - 1) / L;
+            for (int64_t q = 0; q < ng; ++q) {
+              for (int l0 = 0; l0 < L; ++l0) {
+                const int64_t n = q * L + l0;
+                float* dst = gb + q * B * 16 + l0 * B;
+                if (n < nt) {
+                  const float* gr = gs + n * B;
+                  for (int p = 0; p < B; ++p)
+                    for (int c = 0; c < B; ++c) dst[p * 16 + c] = gr[p];
+                } else {
+                  for (int p = 0; p < B; ++p)
+                    for (int c = 0; c < B; ++c) dst[p * 16 + c] = 0.0f;
+                }
+              }
+            }
+            gp = gb;
+          }
           for (int64_t blk = bptr[i]; blk < bptr[i + 1]; ++blk) {
             const int64_t j = bidx[blk];
-            vb* g = reinterpret_cast<vb*>(G + blk * B * B);
-            vb acc[B];
-#pragma GCC unroll 16
-            for (int p = 0; p < B; ++p) acc[p] = (n0 == 0) ? vb{} : g[p];
-            const float* xs = x + j * B;
-            const float* gs = gy + i * B;
-            for (int64_t n = n0; n < n1; ++n) {
-              const vb xv = *reinterpret_cast<const vb*>(xs + n * K);
-              const float* gr = gs + n * M;
-#pragma GCC unroll 16
-              for (int p = 0; p < B; ++p) acc[p] += gr[p] * xv;
-            }
-#pragma GCC unroll 16
-            for (int p = 0; p < B; ++p) g[p] = acc[p];
+            sddmm_block<B>(gp, xp + j * T * B, nt, G + blk * B * B, first);
           }
         }
       }
@@ -634,9 +789,12 @@ at::Tensor bsr_sddmm(at::Tensor bptr, at::Tensor bidx, at::Tensor gy, at::Tensor
   check_dense(x, "x");
   const int64_t NBR = bptr.size(0) - 1, N = x.size(0), K = x.size(1);
   const int64_t nb = bidx.size(0);
-  TORCH_CHECK(gy.size(1) == NBR * B, "grad_y does not match the block structure");
-  auto G = at::zeros({nb, B, B}, x.options());
-  if (nb == 0 || N == 0) return G;
+  TORCH_CHECK(gy.size(1) == NBR * B && gy.size(0) == N,
+              "grad_y does not match the block structure");
+  TORCH_CHECK(B > 0 && K % B == 0, "x.shape[1] must be a multiple of the block size");
+  // Every block is written by the kernel (first batch tile) when N > 0.
+  if (nb == 0 || N == 0) return at::zeros({nb, B, B}, x.options());
+  auto G = at::empty({nb, B, B}, x.options());
   TORCH_CHECK(B == 4 || B == 8 || B == 16, "block size must be 4, 8 or 16");
   const int64_t* p = bptr.data_ptr<int64_t>();
   const float* g = gy.data_ptr<float>();
