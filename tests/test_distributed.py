@@ -206,8 +206,12 @@ class _RecordingSparsity(Sparsity):
     """Sparsity that keeps a copy of every mask after every step (test instrumentation)."""
 
     history: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    # The unit scores each step's update ranked (block norms of theta after the optimizer step).
+    scores: list[dict[str, torch.Tensor]] = []
 
     def step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        scores = {t.name: t.storage.grid_scores().detach().clone() for t in self.tensors}
+        _RecordingSparsity.scores.append(scores)
         super().step(step, optimizer)
         masks = {name: (a.clone(), b.clone()) for name, (a, b) in self.masks().items()}
         _RecordingSparsity.history.append(masks)
@@ -254,7 +258,7 @@ def _recorded_train(config: RunConfig, run_dir: Path, resume: bool = False) -> d
         saved.append(str(path))
         real_save(obj, path, *args, **kwargs)
 
-    _RecordingSparsity.history = []
+    _RecordingSparsity.history, _RecordingSparsity.scores = [], []
     torch.save, train_module.Sparsity = counting_save, _RecordingSparsity  # type: ignore[misc]
     try:
         summary = train(config, run_dir, resume=resume, progress=False, log=logged.append)
@@ -263,7 +267,8 @@ def _recorded_train(config: RunConfig, run_dir: Path, resume: bool = False) -> d
         if _WRITES is not None:
             _WRITES.active = False
     writes = list(_WRITES.paths) if _WRITES is not None else None
-    return {"history": _RecordingSparsity.history, "saves": saved, "log": logged,
+    return {"history": _RecordingSparsity.history, "scores": _RecordingSparsity.scores,
+            "saves": saved, "log": logged,
             "writes": writes, "summary": summary}  # fmt: skip
 
 
@@ -284,6 +289,47 @@ def _assert_same_history(got: list[Any], expected: list[Any]) -> None:
         for name in a:
             for kind, x, y in zip(("A", "B"), a[name], b[name], strict=True):
                 assert torch.equal(x, y), f"step {step}: mask {kind} of {name} differs"
+
+
+def _assert_same_history_up_to_ties(
+    got: list[Any], expected: list[Any], scores: list[Any], block: int, rtol: float = 1e-5
+) -> int:
+    """Masks of a run on other processes equal the reference run's exactly, except where the
+    reference's ranking was a tie to float rounding: the 2-process gradient is summed in another
+    order, so its weights equal the 1-process weights only to rounding, and units whose scores
+    differ by less than that may swap (seen: two 4x4 blocks regrown at zero whose norms were
+    3e-14 and 5e-14, rounding noise, against ~0.1 elsewhere in the layer). At the first step
+    whose masks differ, the units in the difference must score within ``rtol`` (relative to
+    the layer's largest score) of each other, the swap a float-rounding tie; the runs then
+    follow different (float-close) trajectories, so comparison stops there.
+    Returns the number of steps compared exactly."""
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.keys() == b.keys()
+        differing = {}
+        for name in a:
+            for kind, x, y in zip(("A", "B"), a[name], b[name], strict=True):
+                if not torch.equal(x, y):
+                    differing.setdefault(name, []).append(kind)
+        if not differing:
+            continue
+        for name, kinds in differing.items():
+            for kind in kinds:
+                i = 0 if kind == "A" else 1
+                x, y = a[name][i], b[name][i]
+                # Per unit of the block grid: units whose membership differs.
+                units = (x != y).reshape(x.shape[0], -1)
+                units = units.reshape(units.shape[0] // block, block, -1, block).any(dim=(1, 3))
+                layer = scores[step][name].reshape(units.shape)
+                s = layer[units]
+                assert s.numel() > 0
+                spread = (s.max() - s.min()) / layer.abs().max()
+                assert spread <= rtol, (
+                    f"step {step}: mask {kind} of {name} differs in {int(units.sum())} units "
+                    f"whose scores are not a float-rounding tie (spread {float(spread):.2e})"
+                )
+        return step
+    return len(got)
 
 
 def _mask_changes(history: list[Any]) -> int:
@@ -423,9 +469,11 @@ def test_two_processes_hold_identical_masks_and_match_one_process(
     _assert_same_history(rank1["history"], rank0["history"])
     if name not in ("dense", "static"):
         assert _mask_changes(rank0["history"]) >= 3, "masks should change several times"
-    # The same run on one process: the same masks exactly, losses to float rounding.
+    # The same run on one process: the same masks exactly (up to float-rounding ties in the
+    # ranking, checked), losses to float rounding.
     one, one_dir = _one_process(job, name)
-    _assert_same_history(rank0["history"], one["history"])
+    block = config.sparsity.block_size
+    exact = _assert_same_history_up_to_ties(rank0["history"], one["history"], one["scores"], block)
     two_dir = job["root"] / name
     assert _losses(two_dir) == pytest.approx(_losses(one_dir), rel=1e-4)
     metric = f"valid_{rank0['summary']['metric']}"
@@ -436,7 +484,8 @@ def test_two_processes_hold_identical_masks_and_match_one_process(
     assert a.keys() == b.keys() and not any(k.startswith("module.") for k in a)
     for key in a:
         if a[key].dtype == torch.bool:
-            assert torch.equal(a[key], b[key]), key
+            if exact == len(one["history"]):  # no rounding tie swapped units
+                assert torch.equal(a[key], b[key]), key
         else:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -448,7 +497,8 @@ def test_sharded_tasks_match_one_process(job: dict[str, Any], name: str) -> None
     rank0, rank1 = job["records"][name]
     _assert_same_history(rank1["history"], rank0["history"])
     one, one_dir = _one_process(job, name)
-    _assert_same_history(rank0["history"], one["history"])
+    block = job["configs"][name].sparsity.block_size
+    _assert_same_history_up_to_ties(rank0["history"], one["history"], one["scores"], block)
     assert _losses(job["root"] / name) == pytest.approx(_losses(one_dir), rel=1e-4)
     for key, value in one["summary"].items():
         if key.startswith(("valid_", "test_")):
@@ -664,3 +714,17 @@ if __name__ == "__main__":
         _stuck_worker(sys.argv[2], sys.argv[3])
     else:
         _worker(sys.argv[1])
+
+
+def test_tie_check_accepts_rounding_ties_and_rejects_real_differences() -> None:
+    before = torch.tensor([[True, True, False, False]])
+    scores = [{"w": torch.tensor([[0.5, 0.5, 0.1, 3e-14]])}] * 2
+    swap_tie = {"w": (torch.tensor([[True, True, True, False]]),) * 2}
+    other = {"w": (torch.tensor([[True, True, False, True]]),) * 2}
+    same = {"w": (before, before)}
+    # Units 2 and 3 swap: scores 0.1 and 3e-14 are not a tie.
+    with pytest.raises(AssertionError, match="not a float-rounding tie"):
+        _assert_same_history_up_to_ties([same, swap_tie], [same, other], scores, block=1)
+    tie = [{"w": torch.tensor([[0.5, 0.5, 2e-14, 3e-14]])}] * 2
+    assert _assert_same_history_up_to_ties([same, swap_tie], [same, other], tie, block=1) == 1
+    assert _assert_same_history_up_to_ties([same, same], [same, same], tie, block=1) == 2
