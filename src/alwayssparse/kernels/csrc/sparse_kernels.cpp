@@ -34,6 +34,14 @@ namespace {
 typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
+// The widest vector the target has registers for (32 zmm with AVX-512, else 16 ymm).
+#ifdef __AVX512F__
+typedef vf16 vnat;
+constexpr int VW = 16;
+#else
+typedef vf8 vnat;
+constexpr int VW = 8;
+#endif
 
 template <int B> struct VecOf;
 template <> struct VecOf<4> { typedef float type __attribute__((vector_size(16), aligned(4))); };
@@ -121,6 +129,35 @@ inline vf16 reduce16(const vf16* v) {
                                  28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
                                  29, 31);
+}
+
+// out[m] = sum of the lanes of v[m] (m < 8) for 8-lane vectors: 14 permutes + 7 adds.
+inline vf8 reduce8(const vf8* v) {
+  vf8 a[4], b[2];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 3, 5, 7, 9, 11, 13, 15);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 3, 5, 7, 9, 11, 13, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// part[m] += sum of the lanes of pend[m] for m < cnt (pend[cnt..16) is clobbered).
+inline void flush_sums(vnat* pend, int cnt, float* __restrict part) {
+  for (int m = cnt; m < 16; ++m) pend[m] = vnat{};
+#ifdef __AVX512F__
+  const vf16 s16 = reduce16(pend);
+#else
+  const vf8 lo = reduce8(pend), hi = reduce8(pend + 8);
+  alignas(64) float s16[16];
+  *reinterpret_cast<vf8*>(s16) = lo;
+  *reinterpret_cast<vf8*>(s16 + 8) = hi;
+#endif
+  for (int m = 0; m < cnt; ++m) part[m] += s16[m];
 }
 
 // Output tensors of a few MiB and more: 2 MiB aligned + MADV_HUGEPAGE, so that first touch
@@ -221,40 +258,49 @@ Split make_split(int64_t N, int64_t NT, int64_t R) {
 }
 
 // out[(r - r0) * NT + :] = sum_k val[k] * bt[idx[k] * NT + :] for r in [r0, r1).
-// Column indices I are int32 or int64 (row pointers are always int64).
+// Column indices I are int32 or int64 (row pointers are always int64).  Written on the native
+// vector (vnat): GCC lowers a scalar times a 64-byte vector badly without AVX-512 (the scalar
+// is broadcast through the stack), a scalar times a native vector is one vbroadcastss.  The
+// NT / VW accumulators must stay in registers (capped_nv); with few of them, two accumulator sets
+// alternate to hide the FMA latency.
 template <int NV, typename I>
 inline void spmm_rows(const int64_t* __restrict ptr, const I* __restrict idx,
                       const float* __restrict val, int64_t r0, int64_t r1,
                       const float* __restrict bt, float* __restrict out) {
   constexpr int NT = 16 * NV;
+  constexpr int NN = NT / VW;
+  constexpr int NA = NN >= 4 ? 1 : 2;
   for (int64_t r = r0; r < r1; ++r) {
-    vf16 a0[NV], a1[NV];
+    vnat a[NA][NN];
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) {
-      a0[i] = vf16{};
-      a1[i] = vf16{};
-    }
+    for (int s = 0; s < NA; ++s)
+#pragma GCC unroll 16
+      for (int i = 0; i < NN; ++i) a[s][i] = vnat{};
     int64_t k = ptr[r];
     const int64_t ke = ptr[r + 1];
-    for (; k + 1 < ke; k += 2) {
-      const vf16* s0 = reinterpret_cast<const vf16*>(bt + idx[k] * NT);
-      const vf16* s1 = reinterpret_cast<const vf16*>(bt + idx[k + 1] * NT);
-      const float v0 = val[k], v1 = val[k + 1];
+    for (; k + NA <= ke; k += NA) {
+#pragma GCC unroll 2
+      for (int s = 0; s < NA; ++s) {
+        const vnat* src = reinterpret_cast<const vnat*>(bt + idx[k + s] * NT);
+        const float v = val[k + s];
 #pragma GCC unroll 16
-      for (int i = 0; i < NV; ++i) {
-        a0[i] += v0 * s0[i];
-        a1[i] += v1 * s1[i];
+        for (int i = 0; i < NN; ++i) a[s][i] += v * src[i];
       }
     }
-    if (k < ke) {
-      const vf16* s0 = reinterpret_cast<const vf16*>(bt + idx[k] * NT);
-      const float v0 = val[k];
+    for (; k < ke; ++k) {
+      const vnat* src = reinterpret_cast<const vnat*>(bt + idx[k] * NT);
+      const float v = val[k];
 #pragma GCC unroll 16
-      for (int i = 0; i < NV; ++i) a0[i] += v0 * s0[i];
+      for (int i = 0; i < NN; ++i) a[0][i] += v * src[i];
     }
-    vf16* o = reinterpret_cast<vf16*>(out + (r - r0) * NT);
+    vnat* o = reinterpret_cast<vnat*>(out + (r - r0) * NT);
 #pragma GCC unroll 16
-    for (int i = 0; i < NV; ++i) o[i] = a0[i] + a1[i];
+    for (int i = 0; i < NN; ++i) {
+      vnat sum = a[0][i];
+#pragma GCC unroll 2
+      for (int s = 1; s < NA; ++s) sum += a[s][i];
+      o[i] = sum;
+    }
   }
 }
 
@@ -327,32 +373,26 @@ void sddmm_fm(const int64_t* ptr, const I* idx, int64_t R, const float* gy,
           pack_tile_t<NT>(gy + r0, R, n0, nt, c1 - r0, gb.get());
         }
         const float* gt = gb.get() + (g - pg0) * 16 * NT;
-        // Dot products of 16 consecutive stored entries are reduced together.
-        alignas(64) vf16 pend[16];
+        // Dot products of 16 consecutive stored entries are reduced together, on native
+        // vectors (NN per tile row; see spmm_rows for why not 64-byte vectors without AVX-512).
+        constexpr int NN = NT / VW;
+        alignas(64) vnat pend[16];
         int np = 0;
         int64_t kbase = ptr[r0];
-        auto flush = [&](int cnt) {
-          for (int m = cnt; m < 16; ++m) pend[m] = vf16{};
-          const vf16 s16 = reduce16(pend);
-          if (cnt == 16) {
-            *reinterpret_cast<vf16u*>(part + kbase) += s16;
-          } else {
-            for (int m = 0; m < cnt; ++m) part[kbase + m] += s16[m];
-          }
-        };
+        auto flush = [&](int cnt) { flush_sums(pend, cnt, part + kbase); };
         for (int64_t r = r0; r < r0 + rr; ++r) {
-          vf16 gr[NV];
-          const vf16* gsrc = reinterpret_cast<const vf16*>(gt + (r - r0) * NT);
+          vnat gr[NN];
+          const vnat* gsrc = reinterpret_cast<const vnat*>(gt + (r - r0) * NT);
 #pragma GCC unroll 16
-          for (int i = 0; i < NV; ++i) gr[i] = gsrc[i];
+          for (int i = 0; i < NN; ++i) gr[i] = gsrc[i];
           const int64_t ke = ptr[r + 1];
           for (int64_t k = ptr[r]; k < ke; ++k) {
-            const vf16* xs = reinterpret_cast<const vf16*>(bt.get() + idx[k] * NT);
-            vf16 a0 = gr[0] * xs[0];
-            if constexpr (NV > 1) {
-              vf16 a1 = gr[1] * xs[1];
+            const vnat* xs = reinterpret_cast<const vnat*>(bt.get() + idx[k] * NT);
+            vnat a0 = gr[0] * xs[0];
+            if constexpr (NN > 1) {
+              vnat a1 = gr[1] * xs[1];
 #pragma GCC unroll 16
-              for (int i = 2; i < NV; i += 2) {
+              for (int i = 2; i < NN; i += 2) {
                 a0 += gr[i] * xs[i];
                 a1 += gr[i + 1] * xs[i + 1];
               }
@@ -404,6 +444,17 @@ int pick_nv(int64_t N, int64_t K, int64_t nt_req) {
   return 1;
 }
 
+// NV of the unstructured kernels without AVX-512: the SpMM's 16 * NV / VW accumulators and the
+// SDDMM's NV grad_y vectors must fit the 16 ymm registers (NV = 8 spills them to the stack).
+int capped_nv(int64_t N, int64_t K, int64_t nt_req) {
+  const int nv = pick_nv(N, K, nt_req);
+#ifdef __AVX512F__
+  return nv;
+#else
+  return nt_req > 0 ? nv : std::min(nv, 4);
+#endif
+}
+
 void check_csr(const at::Tensor& ptr, const at::Tensor& idx) {
   TORCH_CHECK(ptr.dtype() == at::kLong, "row pointers must be int64");
   TORCH_CHECK(idx.dtype() == at::kLong || idx.dtype() == at::kInt,
@@ -437,7 +488,7 @@ at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x
   const int64_t N = x.size(0), K = x.size(1);
   auto y = alloc_output({N, R}, false);
   if (N == 0 || R == 0) return y;
-  const int nv = pick_nv(N, K, nt);
+  const int nv = capped_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
   const float* v = val.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -462,7 +513,7 @@ at::Tensor csr_sddmm(at::Tensor ptr, at::Tensor idx, at::Tensor gy, at::Tensor x
   const int64_t nnz = idx.size(0);
   auto gv = at::zeros({nnz}, x.options());
   if (nnz == 0 || N == 0) return gv;
-  const int nv = pick_nv(N, K, nt);
+  const int nv = capped_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
   const float* g = gy.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -522,35 +573,50 @@ std::vector<at::Tensor> compressed_transpose(at::Tensor ptr, at::Tensor idx, int
 // ---------------------------------------------------------------- block-sparse kernels
 
 // y (N x NBR*B) = x (N x K) @ W^T with W's blocks given transposed: wt[blk][q][p] = W_blk[p][q].
+// A block row of b floats is H native vectors (H = 2 for b = 16 without AVX-512: a scalar times
+// a 64-byte vector is lowered through the stack there, see spmm_rows).
 template <int B, int NR, typename I>
 inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
                      const float* __restrict wt, int64_t i0, int64_t i1,
                      const float* __restrict x, int64_t K, float* __restrict y, int64_t M,
                      int64_t bstride = B) {
-  typedef typename VecOf<B>::type vb;
+  constexpr int H = B > VW ? B / VW : 1;
+  typedef typename VecOf<B / H>::type vb;
   for (int64_t i = i0; i < i1; ++i) {
-    vb acc[NR];
+    vb acc[NR][H];
 #pragma GCC unroll 32
-    for (int t = 0; t < NR; ++t) acc[t] = vb{};
+    for (int t = 0; t < NR; ++t)
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) acc[t][h] = vb{};
     for (int64_t blk = bptr[i]; blk < bptr[i + 1]; ++blk) {
       const float* xs = x + bidx[blk] * bstride;
       const vb* w = reinterpret_cast<const vb*>(wt + blk * B * B);
 #pragma GCC unroll 4
       for (int q = 0; q < B; ++q) {
-        const vb wq = w[q];
+        vb wq[H];
+#pragma GCC unroll 2
+        for (int h = 0; h < H; ++h) wq[h] = w[q * H + h];
 #pragma GCC unroll 32
-        for (int t = 0; t < NR; ++t) acc[t] += xs[t * K + q] * wq;
+        for (int t = 0; t < NR; ++t) {
+          const float xv = xs[t * K + q];
+#pragma GCC unroll 2
+          for (int h = 0; h < H; ++h) acc[t][h] += xv * wq[h];
+        }
       }
     }
 #pragma GCC unroll 32
-    for (int t = 0; t < NR; ++t) *reinterpret_cast<vb*>(y + t * M + i * B) = acc[t];
+    for (int t = 0; t < NR; ++t)
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h)
+        *reinterpret_cast<vb*>(y + t * M + i * B + h * (B / H)) = acc[t][h];
   }
 }
 
 template <int B, typename I>
 void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t NBR,
                    const float* x, int64_t N, int64_t K, float* y) {
-  constexpr int NR = 12;
+  // Rows of x per pass: NR * H accumulators, H weight vectors and a broadcast in registers.
+  constexpr int NR = (B > VW || VW == 8) ? 6 : 12;
   const int64_t M = NBR * B;
   const int64_t nblk = (N + NR - 1) / NR;
   const int64_t nth = at::get_num_threads();
@@ -599,7 +665,30 @@ void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t 
 template <int B>
 inline void sddmm_block(const float* __restrict gb, const float* __restrict xs, int64_t nt,
                         float* __restrict g, bool first) {
-  if constexpr (B == 16) {
+  if constexpr (B == 16 && VW == 8) {
+    // Without AVX-512: four passes over 8 x 8 quarters, 8 accumulators of 8 floats each.
+#pragma GCC unroll 1
+    for (int ph = 0; ph < 2; ++ph) {
+#pragma GCC unroll 1
+      for (int qh = 0; qh < 2; ++qh) {
+        vf8 acc[8];
+#pragma GCC unroll 8
+        for (int p = 0; p < 8; ++p) acc[p] = vf8{};
+        for (int64_t n = 0; n < nt; ++n) {
+          const vf8 xv = *reinterpret_cast<const vf8*>(xs + n * 16 + qh * 8);
+          const float* gr = gb + n * 16 + ph * 8;
+#pragma GCC unroll 8
+          for (int p = 0; p < 8; ++p) acc[p] += gr[p] * xv;
+        }
+        typedef typename VecOf<8>::type vo;
+#pragma GCC unroll 8
+        for (int p = 0; p < 8; ++p) {
+          vo* o = reinterpret_cast<vo*>(g + (ph * 8 + p) * 16 + qh * 8);
+          *o = first ? acc[p] : *o + acc[p];
+        }
+      }
+    }
+  } else if constexpr (B == 16) {
     vf16 acc[16];
 #pragma GCC unroll 16
     for (int p = 0; p < 16; ++p) acc[p] = vf16{};
