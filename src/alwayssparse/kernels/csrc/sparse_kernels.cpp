@@ -616,7 +616,7 @@ template <int B, typename I>
 void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t NBR,
                    const float* x, int64_t N, int64_t K, float* y) {
   // Rows of x per pass: NR * H accumulators, H weight vectors and a broadcast in registers.
-  constexpr int NR = (B > VW || VW == 8) ? 6 : 12;
+  constexpr int NR = B > VW ? 6 : 12;
   const int64_t M = NBR * B;
   const int64_t nblk = (N + NR - 1) / NR;
   const int64_t nth = at::get_num_threads();
@@ -652,14 +652,34 @@ void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t 
   });
 }
 
+// Sum of the L = VW / B lane groups of a native vector: lane c of the result is the sum of
+// lanes c, c + B, c + 2 B, ... (the L batch rows that shared the vector).
+template <int B>
+inline typename VecOf<B>::type fold_lanes(typename VecOf<VW>::type s) {
+  if constexpr (VW == 16) {
+    const vf8 h = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);
+    if constexpr (B == 8) return h;
+    else
+      return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  } else {
+    if constexpr (B == 8) return s;
+    else
+      return __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+  }
+}
+
 // G[blk][p][q] = sum_n gy[n, i*B + p] * x[n, j*B + q]
 //
 // Block rows are split into chunks of about equal block counts; a worker walks its chunk batch
 // tile by batch tile (T rows).  Per tile it packs x into column panels xp[j][n][q] (L2), so a
 // block's x operand is one contiguous (T x B) stream, and the chunk's grad_y columns into
-// gc[i][n][p] (row-wise reads), reused by all blocks of a block row.  The accumulator of a block (B x B) stays in vector registers over the whole tile:
+// gc[i][n][p] (row-wise reads), reused by all blocks of a block row.  The accumulator of a
+// block (B x B) stays in vector registers over the whole tile:
 //  * B = 16: acc[p] (16 x vf16) += broadcast(gy[n][p]) * x[n][0:16];
-//  * B = 4, 8: L = 16 / B batch rows share one vf16: lanes l <-> (row n + l / B, column l % B),
+//  * B = 16 without AVX-512: four passes over 8 x 8 quarters of the block (8 vf8 accumulators);
+//  * B = 4, 8: L = VW / B batch rows share one native vector (VW = 16 floats with AVX-512, else
+//    8): lanes l <-> (row n + l / B, column l % B),
 //    with grad_y packed pre-broadcast (lane l holds gy[n + l / B][p]); the L partial sums of a
 //    column are added at the end.
 template <int B>
@@ -702,44 +722,42 @@ inline void sddmm_block(const float* __restrict gb, const float* __restrict xs, 
 #pragma GCC unroll 16
     for (int p = 0; p < 16; ++p) o[p] = first ? acc[p] : o[p] + acc[p];
   } else {
-    constexpr int L = 16 / B;
+    // L = VW / B batch rows share one native vector vl (see bsr_sddmm_impl's packing).
+    constexpr int L = VW / B;
+    typedef typename VecOf<VW>::type vl;
+    typedef typename VecOf<B>::type vb;
     const int64_t ng = (nt + L - 1) / L;
-    vf16 a0[B], a1[B];
+    // Accumulator sets alternating over q: 2 B vectors in registers (32 zmm; 16 ymm for B = 4),
+    // one set of B = 8 ymm for b = 8 without AVX-512.
+    constexpr int NS = (VW == 16 || B == 4) ? 2 : 1;
+    const vl* gv = reinterpret_cast<const vl*>(gb);
+    const vl* xv = reinterpret_cast<const vl*>(xs);
+    vl a[NS][B];
+#pragma GCC unroll 2
+    for (int u = 0; u < NS; ++u)
 #pragma GCC unroll 16
-    for (int p = 0; p < B; ++p) {
-      a0[p] = vf16{};
-      a1[p] = vf16{};
-    }
-    const vf16* gv = reinterpret_cast<const vf16*>(gb);
-    const vf16* xv = reinterpret_cast<const vf16*>(xs);
+      for (int p = 0; p < B; ++p) a[u][p] = vl{};
     int64_t q = 0;
-    for (; q + 1 < ng; q += 2) {
-      const vf16 x0 = xv[q], x1 = xv[q + 1];
+    for (; q + NS <= ng; q += NS) {
+#pragma GCC unroll 2
+      for (int u = 0; u < NS; ++u) {
+        const vl x0 = xv[q + u];
 #pragma GCC unroll 16
-      for (int p = 0; p < B; ++p) {
-        a0[p] += gv[q * B + p] * x0;
-        a1[p] += gv[(q + 1) * B + p] * x1;
+        for (int p = 0; p < B; ++p) a[u][p] += gv[(q + u) * B + p] * x0;
       }
     }
-    if (q < ng) {
-      const vf16 x0 = xv[q];
+    for (; q < ng; ++q) {
+      const vl x0 = xv[q];
 #pragma GCC unroll 16
-      for (int p = 0; p < B; ++p) a0[p] += gv[q * B + p] * x0;
+      for (int p = 0; p < B; ++p) a[0][p] += gv[q * B + p] * x0;
     }
-    typedef typename VecOf<B>::type vb;
     vb* o = reinterpret_cast<vb*>(g);
 #pragma GCC unroll 16
     for (int p = 0; p < B; ++p) {
-      const vf16 s = a0[p] + a1[p];
-      const vf8 h = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);
-      vb v;
-      if constexpr (B == 8) {
-        v = h;
-      } else {
-        v = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-      }
-      o[p] = first ? v : o[p] + v;
+      vl s = a[0][p];
+#pragma GCC unroll 2
+      for (int u = 1; u < NS; ++u) s += a[u][p];
+      o[p] = first ? fold_lanes<B>(s) : o[p] + fold_lanes<B>(s);
     }
   }
 }
@@ -747,7 +765,7 @@ inline void sddmm_block(const float* __restrict gb, const float* __restrict xs, 
 template <int B, typename I>
 void bsr_sddmm_impl(const int64_t* bptr, const I* bidx, int64_t NBR, const float* gy,
                     const float* x, int64_t N, int64_t K, float* G) {
-  constexpr int L = 16 / B;
+  constexpr int L = B < 16 ? VW / B : 1;  // batch rows per native vector in sddmm_block
   const int64_t M = NBR * B, NBC = K / B;
   const int64_t nth = at::get_num_threads();
   // Chunks of block rows with about equal block counts.
@@ -822,14 +840,14 @@ void bsr_sddmm_impl(const int64_t* bptr, const I* bidx, int64_t NBR, const float
             for (int64_t q = 0; q < ng; ++q) {
               for (int l0 = 0; l0 < L; ++l0) {
                 const int64_t n = q * L + l0;
-                float* dst = gb + q * B * 16 + l0 * B;
+                float* dst = gb + q * B * VW + l0 * B;
                 if (n < nt) {
                   const float* gr = gs + n * B;
                   for (int p = 0; p < B; ++p)
-                    for (int c = 0; c < B; ++c) dst[p * 16 + c] = gr[p];
+                    for (int c = 0; c < B; ++c) dst[p * VW + c] = gr[p];
                 } else {
                   for (int p = 0; p < B; ++p)
-                    for (int c = 0; c < B; ++c) dst[p * 16 + c] = 0.0f;
+                    for (int c = 0; c < B; ++c) dst[p * VW + c] = 0.0f;
                 }
               }
             }
