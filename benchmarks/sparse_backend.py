@@ -32,11 +32,20 @@ Run (about 4 minutes on 2 idle cores; each row is printed as soon as it is measu
     python3 benchmarks/sparse_backend.py
     python3 benchmarks/sparse_backend.py --quick        # smoke run: density 0.1, 1 repeat
     python3 benchmarks/sparse_backend.py --shapes 2048x1024x4096 --densities 0.1 --blocks 16
+
+Memory allocation: glibc returns large freed blocks (activations, gradients) to the system, so
+every step page-faults its outputs in again; on a VM that costs ~25 ms per 32 MiB, the same for
+every backend but a large share of a sparse step. Keeping freed memory in the process removes
+it for dense and sparse alike (the header says which setting ran):
+
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python3 benchmarks/sparse_backend.py
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -289,8 +298,10 @@ def main() -> None:
     start = time.perf_counter()
     print(
         f"kernels: {kernels.available_backend()}, threads: {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, method static, AdamW, median of {repeats} steps\n"
+        f"torch {torch.__version__}, method static, AdamW, median of {repeats} steps"
     )
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"malloc: {' '.join(f'{k}={v}' for k, v in sorted(tuned.items())) or 'glibc defaults'}\n")
     print(HEADER)
     print("-" * len(HEADER.splitlines()[1]))
     for shape in args.shapes:
