@@ -211,6 +211,9 @@ def plot_dynamics(run_dir: Path, out: Path) -> list[Path]:
     c.set(xlabel="step", ylabel="fraction ever in A", title="Explored degrees of freedom")
     _per_layer(d, records, "forward_density")
     d.set(xlabel="step", ylabel="density of A", title="Per-layer forward density")
+    # Densities are often constant: no offset notation (1e-6 + 1e-1), and the axis from 0.
+    d.ticklabel_format(axis="y", useOffset=False, style="plain")
+    d.set_ylim(bottom=0.0, top=max(d.get_ylim()[1] * 1.1, 1e-3))
     for ax in (a, b, c, d):
         ax.grid(alpha=0.3)
     return [_save(figure, out / "dynamics.png")]
