@@ -88,9 +88,46 @@ typedef float vf16u __attribute__((vector_size(64), aligned(4)));
 #define AS_L1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
 #define AS_H1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
 
-// dst[c * ldd + j] = src[j * lds + c] for a full 16 x 16 block.
+// dst[c * ldd + j] = src[j * lds + c] for a full 8 x 8 block, the same stages on 8 lanes.
+inline void transpose8(const float* __restrict src, int64_t lds, float* __restrict dst,
+                       int64_t ldd) {
+  typedef float vf8u __attribute__((vector_size(32), aligned(4)));
+  vf8 r[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const vf8u*>(src + i * lds);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const vf8 a = r[i], b = r[i + 4];
+    r[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i & 2) continue;
+    const vf8 a = r[i], b = r[i + 2];
+    r[i] = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+    r[i + 2] = __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {
+    const vf8 a = r[i], b = r[i + 1];
+    r[i] = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14);
+    r[i + 1] = __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) *reinterpret_cast<vf8u*>(dst + i * ldd) = r[i];
+}
+
+// dst[c * ldd + j] = src[j * lds + c] for a full 16 x 16 block.  Without AVX-512: four 8 x 8
+// transposes (GCC lowers the 64-byte shuffles below through the stack on AVX2).
 inline void transpose16(const float* __restrict src, int64_t lds, float* __restrict dst,
                         int64_t ldd) {
+#ifndef __AVX512F__
+  transpose8(src, lds, dst, ldd);
+  transpose8(src + 8, lds, dst + 8 * ldd, ldd);
+  transpose8(src + 8 * lds, lds, dst + 8, ldd);
+  transpose8(src + 8 * lds + 8, lds, dst + 8 * ldd + 8, ldd);
+#else
   vf16 r[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) r[i] = *reinterpret_cast<const vf16u*>(src + i * lds);
@@ -104,6 +141,7 @@ inline void transpose16(const float* __restrict src, int64_t lds, float* __restr
   AS_STAGE(1, AS_L1, AS_H1)
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) *reinterpret_cast<vf16u*>(dst + i * ldd) = r[i];
+#endif
 }
 
 // out[m] = sum of the lanes of v[m] (m < 16), 30 permutes + 15 adds for 16 sums.
