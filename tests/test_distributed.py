@@ -709,13 +709,6 @@ def test_shards_partition_the_global_batch_and_average_to_its_loss(tmp_path: Pat
     assert torch.equal(torch.cat([s[1] for s in shards]), batch[1])
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--stuck":
-        _stuck_worker(sys.argv[2], sys.argv[3])
-    else:
-        _worker(sys.argv[1])
-
-
 def test_tie_check_accepts_rounding_ties_and_rejects_real_differences() -> None:
     before = torch.tensor([[True, True, False, False]])
     scores = [{"w": torch.tensor([[0.5, 0.5, 0.1, 3e-14]])}] * 2
@@ -728,3 +721,10 @@ def test_tie_check_accepts_rounding_ties_and_rejects_real_differences() -> None:
     tie = [{"w": torch.tensor([[0.5, 0.5, 2e-14, 3e-14]])}] * 2
     assert _assert_same_history_up_to_ties([same, swap_tie], [same, other], tie, block=1) == 1
     assert _assert_same_history_up_to_ties([same, same], [same, same], tie, block=1) == 2
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--stuck":
+        _stuck_worker(sys.argv[2], sys.argv[3])
+    else:
+        _worker(sys.argv[1])

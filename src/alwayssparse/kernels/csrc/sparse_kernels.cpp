@@ -299,7 +299,7 @@ Split make_split(int64_t N, int64_t NT, int64_t R) {
 // Column indices I are int32 or int64 (row pointers are always int64).  Written on the native
 // vector (vnat): GCC lowers a scalar times a 64-byte vector badly without AVX-512 (the scalar
 // is broadcast through the stack), a scalar times a native vector is one vbroadcastss.  The
-// NT / VW accumulators must stay in registers (capped_nv); with few of them, two accumulator sets
+// NT / VW accumulators must stay in registers (pick_nv); with few of them, two accumulator sets
 // alternate to hide the FMA latency.
 template <int NV, typename I>
 inline void spmm_rows(const int64_t* __restrict ptr, const I* __restrict idx,
@@ -476,21 +476,13 @@ int pick_nv(int64_t N, int64_t K, int64_t nt_req) {
     while (nt > 16 && K * nt * 4 > budget) nt /= 2;
     while (nt > 16 && nt / 2 >= N) nt /= 2;
   }
-  if (nt >= 128) return 8;
-  if (nt >= 64) return 4;
-  if (nt >= 32) return 2;
-  return 1;
-}
-
-// NV of the unstructured kernels without AVX-512: the SpMM's 16 * NV / VW accumulators and the
-// SDDMM's NV grad_y vectors must fit the 16 ymm registers (NV = 8 spills them to the stack).
-int capped_nv(int64_t N, int64_t K, int64_t nt_req) {
-  const int nv = pick_nv(N, K, nt_req);
-#ifdef __AVX512F__
-  return nv;
-#else
-  return nt_req > 0 ? nv : std::min(nv, 4);
+  int nv = nt >= 128 ? 8 : nt >= 64 ? 4 : nt >= 32 ? 2 : 1;
+#ifndef __AVX512F__
+  // Without AVX-512 the SpMM's 16 * NV / VW accumulators and the SDDMM's NV grad_y vectors must
+  // fit the 16 ymm registers (NV = 8 spills them to the stack); an explicit tile is kept.
+  if (nt_req <= 0) nv = std::min(nv, 4);
 #endif
+  return nv;
 }
 
 void check_csr(const at::Tensor& ptr, const at::Tensor& idx) {
@@ -526,7 +518,7 @@ at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x
   const int64_t N = x.size(0), K = x.size(1);
   auto y = alloc_output({N, R}, false);
   if (N == 0 || R == 0) return y;
-  const int nv = capped_nv(N, K, nt);
+  const int nv = pick_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
   const float* v = val.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -551,7 +543,7 @@ at::Tensor csr_sddmm(at::Tensor ptr, at::Tensor idx, at::Tensor gy, at::Tensor x
   const int64_t nnz = idx.size(0);
   auto gv = at::zeros({nnz}, x.options());
   if (nnz == 0 || N == 0) return gv;
-  const int nv = capped_nv(N, K, nt);
+  const int nv = pick_nv(N, K, nt);
   const int64_t* p = ptr.data_ptr<int64_t>();
   const float* g = gy.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
@@ -714,8 +706,8 @@ inline typename VecOf<B>::type fold_lanes(typename VecOf<VW>::type s) {
 // block's x operand is one contiguous (T x B) stream, and the chunk's grad_y columns into
 // gc[i][n][p] (row-wise reads), reused by all blocks of a block row.  The accumulator of a
 // block (B x B) stays in vector registers over the whole tile:
-//  * B = 16: acc[p] (16 x vf16) += broadcast(gy[n][p]) * x[n][0:16];
-//  * B = 16 without AVX-512: four passes over 8 x 8 quarters of the block (8 vf8 accumulators);
+//  * B = 16: acc[p] += broadcast(gy[n][p]) * x[n][q0:q0+VW], all 16 rows p at once with
+//    AVX-512, in four 8 x 8 quarters of the block without (8 vf8 accumulators);
 //  * B = 4, 8: L = VW / B batch rows share one native vector (VW = 16 floats with AVX-512, else
 //    8): lanes l <-> (row n + l / B, column l % B),
 //    with grad_y packed pre-broadcast (lane l holds gy[n + l / B][p]); the L partial sums of a
@@ -723,42 +715,31 @@ inline typename VecOf<B>::type fold_lanes(typename VecOf<VW>::type s) {
 template <int B>
 inline void sddmm_block(const float* __restrict gb, const float* __restrict xs, int64_t nt,
                         float* __restrict g, bool first) {
-  if constexpr (B == 16 && VW == 8) {
-    // Without AVX-512: four passes over 8 x 8 quarters, 8 accumulators of 8 floats each.
+  if constexpr (B == 16) {
+    // Passes over PR rows p x VW columns q of the block, PR native accumulators each: one pass
+    // with AVX-512 (16 zmm), four 8 x 8 quarters without (8 of the 16 ymm).
+    constexpr int PR = VW == 16 ? 16 : 8;
+    typedef typename VecOf<VW>::type vo;
 #pragma GCC unroll 1
-    for (int ph = 0; ph < 2; ++ph) {
+    for (int p0 = 0; p0 < 16; p0 += PR) {
 #pragma GCC unroll 1
-      for (int qh = 0; qh < 2; ++qh) {
-        vf8 acc[8];
-#pragma GCC unroll 8
-        for (int p = 0; p < 8; ++p) acc[p] = vf8{};
+      for (int q0 = 0; q0 < 16; q0 += VW) {
+        vnat acc[PR];
+#pragma GCC unroll 16
+        for (int p = 0; p < PR; ++p) acc[p] = vnat{};
         for (int64_t n = 0; n < nt; ++n) {
-          const vf8 xv = *reinterpret_cast<const vf8*>(xs + n * 16 + qh * 8);
-          const float* gr = gb + n * 16 + ph * 8;
-#pragma GCC unroll 8
-          for (int p = 0; p < 8; ++p) acc[p] += gr[p] * xv;
+          const vnat xv = *reinterpret_cast<const vnat*>(xs + n * 16 + q0);
+          const float* gr = gb + n * 16 + p0;
+#pragma GCC unroll 16
+          for (int p = 0; p < PR; ++p) acc[p] += gr[p] * xv;
         }
-        typedef typename VecOf<8>::type vo;
-#pragma GCC unroll 8
-        for (int p = 0; p < 8; ++p) {
-          vo* o = reinterpret_cast<vo*>(g + (ph * 8 + p) * 16 + qh * 8);
+#pragma GCC unroll 16
+        for (int p = 0; p < PR; ++p) {
+          vo* o = reinterpret_cast<vo*>(g + (p0 + p) * 16 + q0);
           *o = first ? acc[p] : *o + acc[p];
         }
       }
     }
-  } else if constexpr (B == 16) {
-    vf16 acc[16];
-#pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) acc[p] = vf16{};
-    for (int64_t n = 0; n < nt; ++n) {
-      const vf16 xv = *reinterpret_cast<const vf16*>(xs + n * 16);
-      const float* gr = gb + n * 16;
-#pragma GCC unroll 16
-      for (int p = 0; p < 16; ++p) acc[p] += gr[p] * xv;
-    }
-    vf16u* o = reinterpret_cast<vf16u*>(g);
-#pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) o[p] = first ? acc[p] : o[p] + acc[p];
   } else {
     // L = VW / B batch rows share one native vector vl (see bsr_sddmm_impl's packing).
     constexpr int L = VW / B;
