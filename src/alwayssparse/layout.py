@@ -178,6 +178,17 @@ def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
     return infos
 
 
+def dense_layout(model: nn.Module) -> list[ParamInfo]:
+    """Every parameter dense (the ``dense`` method): one :class:`ParamInfo` per distinct one."""
+    _check_not_parametrized(model)
+    owners = _owners(model)
+    infos = []
+    for name, param in model.named_parameters():
+        module_name, _, attr = owners[id(param)][0]
+        infos.append(ParamInfo(name, module_name, attr, tuple(param.shape), False, "dense method"))
+    return infos
+
+
 def _first_last(
     named: Sequence[tuple[str, nn.Parameter]],
     owners: dict[int, list[tuple[str, nn.Module, str]]],

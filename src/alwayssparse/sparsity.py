@@ -19,21 +19,29 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from alwayssparse.backends import BACKENDS, make_backend
 from alwayssparse.capture import GradientCapture
-from alwayssparse.layout import LayoutConfig, classify, layer_densities, summary_table
+from alwayssparse.config import registry_sections, section_names, to_dict
+from alwayssparse.layout import (
+    LayoutConfig,
+    classify,
+    dense_layout,
+    layer_densities,
+    summary_table,
+)
 from alwayssparse.masks import BLOCK_NORMS, check_block_shape
-from alwayssparse.methods import GMP, METHODS, SET, DynSparse, Method, RigL, Static, TopKAST
+from alwayssparse.methods import METHODS, Method, RigL
 from alwayssparse.methods.base import mark_forward
 from alwayssparse.optim_state import check_optimizer, zero_state
 from alwayssparse.regularizers import apply_group_lasso
 
 
+@registry_sections(METHODS, lambda method: method)
 @dataclass
 class SparsityConfig:
     """Everything that defines a sparse-training setup.
@@ -52,7 +60,10 @@ class SparsityConfig:
             0 disables it. Works with every method; groups are the b x b blocks.
         group_lasso_std: w_std of eq. 2 (the initialisation std, 0.02 in the paper).
         layout: Which parameters are sparse and how density is spread.
-        static, topkast, set, rigl, dynsparse, gmp: Options of each method.
+
+    Besides these fields, the config holds one section per registered method, named by it
+    (``config.topkast``, ``config.rigl``...): that method's options dataclass. A new method adds
+    its section by registering (:func:`alwayssparse.methods.register`), with no edit here.
     """
 
     method: str = "topkast"
@@ -63,12 +74,10 @@ class SparsityConfig:
     group_lasso: float = 0.0
     group_lasso_std: float = 0.02
     layout: LayoutConfig = field(default_factory=LayoutConfig)
-    static: Static = field(default_factory=Static)
-    topkast: TopKAST = field(default_factory=TopKAST)
-    set: SET = field(default_factory=SET)
-    rigl: RigL = field(default_factory=RigL)
-    dynsparse: DynSparse = field(default_factory=DynSparse)
-    gmp: GMP = field(default_factory=GMP)
+
+    if TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any: ...  # the method sections
 
     def method_options(self) -> Method:
         """The options object of the selected method."""
@@ -78,7 +87,7 @@ class SparsityConfig:
         return options
 
     def _check_method(self) -> None:
-        configured = {f.name for f in dataclasses.fields(self)} & set(METHODS)
+        configured = section_names(self)
         if self.method not in configured:
             raise ValueError(f"method must be one of {sorted(configured)}, got {self.method!r}")
 
@@ -113,7 +122,7 @@ def _apply_options(config: SparsityConfig, options: dict[str, Any]) -> None:
         options["sparsity"] = 1.0 - options.pop("density")
     if "method" in options:
         config.method = options.pop("method")
-    top = {f.name for f in dataclasses.fields(config) if f.name not in METHODS}
+    top = {f.name for f in dataclasses.fields(config)}
     layout = {f.name for f in dataclasses.fields(config.layout)}
     method = config.method_options()
     method_fields = {f.name for f in dataclasses.fields(method)}
@@ -157,7 +166,7 @@ class Sparsity:
         config.validate()
         self.config = config
         self.method = config.method_options()
-        self.infos = classify(model, config.layout)
+        self.infos = classify(model, config.layout) if self.method.sparse else dense_layout(model)
         for info in self.infos:
             if info.sparse:
                 check_block_shape(info.shape, config.block_size, info.name)
@@ -206,10 +215,14 @@ class Sparsity:
         """The method's extra loss term (Top-KAST's exploration loss), or a zero scalar."""
         self._backend.refresh_views(self.tensors)
         self._check_unsharded()
-        value = self.method.regularizer(self.tensors)
+        value = self.method.regularizer(self.tensors) if self.tensors else None
         if value is None:
-            return torch.zeros((), device=self.tensors[0].weight.device)
+            return torch.zeros((), device=self._device())
         return value
+
+    def _device(self) -> torch.device:
+        first = next(self._model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Call once after ``optimizer.step()`` of training step ``step`` (0-based).
@@ -282,10 +295,12 @@ class Sparsity:
         return {name: (_fraction(a), _fraction(b)) for name, (a, b) in self.masks().items()}
 
     def explored_dof(self) -> dict[str, float]:
-        """Fraction of each sparse tensor's positions ever in A, and ``"total"`` over all."""
+        """Fraction of each sparse tensor's positions ever in A, and ``"total"`` over all (1.0
+        when nothing is sparse: every position of a dense model is used)."""
         result = {name: _fraction(mask) for name, mask in self.ever_active.items()}
         ever = sum(int(torch.count_nonzero(m)) for m in self.ever_active.values())
-        result["total"] = ever / sum(m.numel() for m in self.ever_active.values())
+        size = sum(m.numel() for m in self.ever_active.values())
+        result["total"] = ever / size if size else 1.0
         return result
 
     def parameter_counts(self) -> dict[str, int]:
@@ -313,7 +328,7 @@ class Sparsity:
         The masks are buffers of the model (``model.state_dict()`` holds them with the weights).
         """
         return {
-            "config": dataclasses.asdict(self.config),
+            "config": to_dict(self.config),
             "generator": self.generator.get_state(),
             "ever_active": {name: m.clone() for name, m in self.ever_active.items()},
             "upcoming_step": self._upcoming,
@@ -322,7 +337,7 @@ class Sparsity:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator after ``model.load_state_dict``; the configs must agree."""
         saved = state["config"]
-        current = dataclasses.asdict(self.config)
+        current = to_dict(self.config)
         if saved != current:
             diff = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"checkpoint sparsity config differs in {diff}")

@@ -7,14 +7,19 @@ from alwayssparse.methods.base import (
     get_method_class,
     register,
 )
-from alwayssparse.methods.gmp import GMP
-from alwayssparse.methods.prune_regrow import SET, DynSparse, PruneRegrow
-from alwayssparse.methods.rigl import RigL
-from alwayssparse.methods.static import Static
-from alwayssparse.methods.topkast import TopKAST
+
+# Registration order is the order of the config sections: keep static and topkast first.
+from alwayssparse.methods.static import Static  # isort: skip
+from alwayssparse.methods.topkast import TopKAST  # isort: skip
+from alwayssparse.methods.prune_regrow import SET, DynSparse, PruneRegrow  # isort: skip
+from alwayssparse.methods.rigl import RigL  # isort: skip
+from alwayssparse.methods.gmp import GMP  # isort: skip
+from alwayssparse.methods.dense import DENSE, Dense  # isort: skip
 
 __all__ = [
+    "DENSE",
     "GMP",
+    "Dense",
     "METHODS",
     "SET",
     "DynSparse",

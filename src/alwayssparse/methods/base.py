@@ -221,6 +221,7 @@ class Method:
     """Base class of sparse-training methods. Subclasses are dataclasses of their options."""
 
     name: ClassVar[str] = ""
+    sparse: ClassVar[bool] = True  # False: the dense pseudo-method, nothing is made sparse
     keeps_reservoir: ClassVar[bool] = False  # theta outside B matters later (Top-KAST's set C)
 
     @property
