@@ -55,7 +55,8 @@ ALL_KEYS = [
 
 
 def test_field_paths() -> None:
-    assert field_paths(SparsityConfig()) == ALL_KEYS
+    # The toy method registered by conftest.py gets its section with no edit to SparsityConfig.
+    assert field_paths(SparsityConfig()) == [*ALL_KEYS, "lottery.update_interval", "lottery.swap"]
 
 
 def test_apply_overrides_parses_each_type() -> None:
@@ -137,7 +138,7 @@ def test_unknown_key_is_named(key: str) -> None:
         apply_overrides(SparsityConfig(), [f"{key}=1"])
     message = str(info.value)
     assert repr(key) in message
-    assert f"{len(ALL_KEYS)} valid keys in all" in message
+    assert f"{len(field_paths(SparsityConfig()))} valid keys in all" in message
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from alwayssparse import Sparsity
 from alwayssparse.masks import block_norms, collapse_blocks, expand_blocks
 from alwayssparse.methods import METHODS
-from alwayssparse.methods.base import SparseTensor, set_masks
 from alwayssparse.schedules import UpdateSchedule
+from alwayssparse.sparse_tensor import SparseTensor, set_masks
 
 # -- helpers ------------------------------------------------------------------------------------
 

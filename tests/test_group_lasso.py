@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from alwayssparse import Sparsity
 from alwayssparse.masks import expand_blocks
-from alwayssparse.methods.base import SparseTensor
 from alwayssparse.regularizers import apply_group_lasso, group_lasso_step
+from alwayssparse.sparse_tensor import SparseTensor
 
 # A hand-worked 4 x 4 weight; its 2 x 2 blocks and sum of squares:
 #   (0,0) [1 -2; 2 1]        1 + 4 + 4 + 1      = 10
@@ -74,8 +74,7 @@ def test_group_lasso_step_block_1_is_an_l1_like_pull() -> None:
 
 def sparse_tensor(weight: Tensor, grad_blocks: Tensor) -> SparseTensor:
     grad_mask = expand_blocks(grad_blocks, 2, weight.shape)
-    return SparseTensor(name="w", weight=weight, density=0.5, backward_density=0.5,
-                        forward_mask=grad_mask.clone(), grad_mask=grad_mask, block=2)  # fmt: skip
+    return SparseTensor.dense("w", weight, grad_mask.clone(), grad_mask, block=2)
 
 
 def test_apply_group_lasso_changes_only_entries_in_b() -> None:

@@ -152,7 +152,7 @@ def captured_chunks(
 def test_row_chunks_linear_equal_autograd_gradient() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(6, 10).double()
-    capture = GradientCapture({"layer": layer})
+    capture = GradientCapture({"layer": (layer, "linear", tuple(layer.weight.shape))})
     capture.active = True
     x = torch.randn(2, 3, 6, dtype=torch.float64)  # a leading sequence dimension, too
     (layer(x).sin().sum()).backward()
@@ -167,7 +167,7 @@ def test_row_chunks_linear_equal_autograd_gradient() -> None:
 def test_row_chunks_sum_over_two_uses_in_one_forward() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(5, 5, bias=False).double()
-    capture = GradientCapture({"layer": layer})
+    capture = GradientCapture({"layer": (layer, "linear", tuple(layer.weight.shape))})
     capture.active = True
     x = torch.randn(4, 5, dtype=torch.float64)
     layer(torch.tanh(layer(x))).pow(2).sum().backward()
@@ -184,7 +184,7 @@ def test_row_chunks_conv2d_equal_autograd_gradient(twice: bool) -> None:
         conv = nn.Conv2d(4, 4, 3, padding=1).double()
     else:
         conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1).double()
-    capture = GradientCapture({"conv": conv})
+    capture = GradientCapture({"conv": (conv, "conv2d", tuple(conv.weight.shape))})
     capture.active = True
     x = torch.randn(2, conv.in_channels, 7, 7, dtype=torch.float64)
     out = conv(torch.relu(conv(x))) if twice else conv(x)
@@ -201,7 +201,7 @@ def test_row_chunks_conv2d_equal_autograd_gradient(twice: bool) -> None:
 
 def test_row_chunks_without_capture_raises_and_inactive_records_nothing() -> None:
     layer = nn.Linear(3, 4)
-    capture = GradientCapture({"layer": layer})
+    capture = GradientCapture({"layer": (layer, "linear", tuple(layer.weight.shape))})
     layer(torch.randn(2, 3)).sum().backward()  # capture.active is False
     assert not capture.has_gradient("layer")
     with pytest.raises(RuntimeError, match="layer"):

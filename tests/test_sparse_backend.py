@@ -15,8 +15,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alwayssparse import Sparsity
-from alwayssparse.backends import SparseLinear
-from alwayssparse.backends.sparse import CompactStorage
+from alwayssparse.backends.sparse import CompactStorage, SparseLinear
 from alwayssparse.methods import TopKAST
 
 STEPS = 50
@@ -333,8 +332,8 @@ def test_build_optimizer_decays_stored_values() -> None:
     from alwayssparse.train import OptimConfig, build_optimizer
 
     model = make_model()
-    Sparsity(model, method="static", backend="sparse")
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    sp = Sparsity(model, method="static", backend="sparse")
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), sp.weight_parameters())
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     assert {id(m.values) for m in model if isinstance(m, SparseLinear)} <= decayed
     assert all(id(m.bias) not in decayed for m in model if isinstance(m, SparseLinear))

@@ -36,28 +36,22 @@ def _conv_weight_grad(module: nn.Module) -> Callable[..., Tensor] | None:
     return next((fn for cls, fn in _CONV_WEIGHT_GRAD.items() if isinstance(module, cls)), None)
 
 
-def _out_features(module: nn.Module) -> int:
-    # Never read ``module.weight``: on a parametrized layer that builds the dense masked weight.
-    size = module.out_features if _is_linear(module) else module.out_channels
-    assert isinstance(size, int)
-    return size
-
-
 class GradientCapture:
     """Keeps the inputs and output gradients of some layers during steps marked ``active``.
 
     Args:
-        modules: Layer per sparse parameter name; each must be Linear or Conv1d/2d/3d
-            (with ``groups == 1``).
+        layers: Per sparse parameter name, (the layer, its operation, its weight's dense
+            shape); the operation is ``"linear"`` (y = x W^T, whatever stores W) or
+            ``"conv1d/2d/3d"`` (with ``groups == 1``), as the backend reports it.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, tuple[nn.Module, str | None, tuple[int, ...]]]) -> None:
         self.active = False
-        self._records: dict[str, list[list[Tensor]]] = {name: [] for name in modules}
-        self._modules = modules
+        self._records: dict[str, list[list[Tensor]]] = {name: [] for name in layers}
+        self._layers = layers
         self._handles = []
-        for name, module in modules.items():
-            _check_supported(name, module)
+        for name, (module, op, _) in layers.items():
+            _check_supported(name, module, op)
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, Tensor], None]:
@@ -86,12 +80,12 @@ class GradientCapture:
                 f"no dense-gradient data was captured for {name}: call sparsity.step(step, ...) "
                 "once per training step, with consecutive steps, after loss.backward()"
             )
-        module = self._modules[name]
-        out_features = _out_features(module)
+        module, op, shape = self._layers[name]
+        out_features = shape[0]
         for start in range(0, out_features, rows_per_chunk):
             stop = min(start + rows_per_chunk, out_features)
             chunk = sum(
-                (_weight_grad_rows(module, x, g, start, stop) for x, g in self._records[name]),
+                (_weight_grad_rows(module, op, x, g, start, stop) for x, g in self._records[name]),
                 start=torch.zeros(()),
             )
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -111,15 +105,10 @@ class GradientCapture:
         self._handles.clear()
 
 
-def _is_linear(module: nn.Module) -> bool:
-    # The sparse backend's SparseLinear computes y = x W^T too.
-    return isinstance(module, nn.Linear) or getattr(module, "linear_like", False)
-
-
-def _check_supported(name: str, module: nn.Module) -> None:
-    if _is_linear(module):
+def _check_supported(name: str, module: nn.Module, op: str | None) -> None:
+    if op == "linear":
         return
-    if _conv_weight_grad(module) is not None and getattr(module, "groups", 1) == 1:
+    if op is not None and _conv_weight_grad(module) is not None and module.groups == 1:
         return
     raise ValueError(
         f"{name}: dense-gradient methods (rigl) support nn.Linear and nn.Conv1d/2d/3d with "
@@ -127,9 +116,11 @@ def _check_supported(name: str, module: nn.Module) -> None:
     )
 
 
-def _weight_grad_rows(module: nn.Module, x: Tensor, g: Tensor, start: int, stop: int) -> Tensor:
+def _weight_grad_rows(
+    module: nn.Module, op: str | None, x: Tensor, g: Tensor, start: int, stop: int
+) -> Tensor:
     """Rows start:stop of dL/dW for one (input, output-gradient) pair."""
-    if _is_linear(module):
+    if op == "linear":
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         g2 = g.reshape(-1, g.shape[-1])[:, start:stop]  # [N, rows]
         return g2.transpose(0, 1) @ x2  # [rows, in]

@@ -325,10 +325,21 @@ def assert_same_across_ranks(tensors: Mapping[str, Tensor], what: str = "state")
 
 def training_state(model: nn.Module, sparsity: Any | None = None) -> dict[str, Tensor]:
     """What every rank must hold identically: the model's parameters and buffers (masks
-    included) and, given a ``Sparsity``, its generator state and explored positions."""
+    included) and, given a ``Sparsity``, every tensor of its state (generator, explored
+    positions)."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     if sparsity is not None:
-        state["sparsity.generator"] = sparsity.generator.get_state()
-        for name, mask in sparsity.ever_active.items():
-            state[f"sparsity.ever_active.{name}"] = mask
+        state.update(_tensors(sparsity.state_dict(), "sparsity"))
     return state
+
+
+def _tensors(state: Any, prefix: str) -> dict[str, Tensor]:
+    """The tensors of a nested state dict, keyed by their dotted path."""
+    if isinstance(state, Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        found: dict[str, Tensor] = {}
+        for key, value in state.items():
+            found.update(_tensors(value, f"{prefix}.{key}"))
+        return found
+    return {}

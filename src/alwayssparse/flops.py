@@ -93,10 +93,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from alwayssparse.backends.masked import MaskedWeight
-from alwayssparse.backends.sparse import SparseLinear
+from alwayssparse.backends import layer_op
 
 if TYPE_CHECKING:
+    from alwayssparse.sparse_tensor import SparseTensor
     from alwayssparse.sparsity import Sparsity
 
 __all__ = [
@@ -344,33 +344,11 @@ def format_table(rows: Sequence[LayerFlops], *, title: str | None = None) -> str
 
 # -- weight layers -----------------------------------------------------------------------------
 
-_CONVS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 
-
-def _layer_kind(module: nn.Module) -> str | None:
-    # isinstance, not type(): parametrize turns a layer into a generated subclass.
-    if isinstance(module, nn.Linear | SparseLinear):
-        return "linear"
-    return next((kind for cls, kind in _CONVS.items() if isinstance(module, cls)), None)
-
-
-def _masks(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """The tensors that hold a layer's A and B, or ``None`` for a dense layer."""
-    if isinstance(module, SparseLinear):
-        return module.in_a, module.units
-    if parametrize.is_parametrized(module, "weight"):
-        entries = module.parametrizations["weight"]  # type: ignore[index]
-        assert isinstance(entries, nn.ModuleList)
-        for entry in entries:
-            if isinstance(entry, MaskedWeight):
-                return entry.forward_mask, entry.grad_mask
-    return None
-
-
-def _weight(module: nn.Module) -> Tensor:
-    """The trainable weight tensor (never the parametrized weight, which costs a dense pass)."""
-    if isinstance(module, SparseLinear):
-        return module.values
+def _weight(module: nn.Module, tensor: SparseTensor | None) -> Tensor:
+    """The trainable weight tensor (never a parametrized weight, which costs a dense pass)."""
+    if tensor is not None:
+        return tensor.weight
     if parametrize.is_parametrized(module, "weight"):
         original = module.parametrizations["weight"].original  # type: ignore[index,union-attr]
         assert isinstance(original, Tensor)
@@ -381,12 +359,18 @@ def _weight(module: nn.Module) -> Tensor:
 
 
 class _Layer:
-    """One weight layer: its geometry, its mask counts (cached by mask version) and the FLOPs
-    of the training forwards since the last record."""
+    """One weight layer: its geometry, its mask counts (from its sparse tensor's storage) and
+    the FLOPs of the training forwards since the last record."""
 
-    def __init__(self, name: str, module: nn.Module, kind: str, in_scope: bool) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, kind: str, in_scope: bool,
+        tensor: SparseTensor | None = None,
+    ) -> None:  # fmt: skip
         self.name, self.module, self.kind, self.in_scope = name, module, kind, in_scope
-        if kind == "linear":
+        self.tensor = tensor
+        if tensor is not None:
+            self.out_size, self.numel = tensor.shape[0], math.prod(tensor.shape)
+        elif kind == "linear":
             self.out_size = int(module.out_features)  # type: ignore[arg-type]
             self.numel = int(module.in_features) * self.out_size  # type: ignore[arg-type]
         else:
@@ -394,8 +378,6 @@ class _Layer:
             kernel = math.prod(module.kernel_size)  # type: ignore[arg-type]
             fan_in = module.in_channels // module.groups  # type: ignore[operator]
             self.numel = self.out_size * int(fan_in) * kernel
-        self._key: tuple[int, ...] | None = None
-        self._counts = (self.numel, self.numel)
         self.reset()
 
     def reset(self) -> None:
@@ -403,22 +385,8 @@ class _Layer:
         self.pending_dense_weight_grad = 0
 
     def counts(self) -> tuple[int, int]:
-        """(entries in A, entries in B) of the masks now in effect; recounted when they change."""
-        masks = _masks(self.module)
-        if masks is None:
-            return self.numel, self.numel
-        key = tuple(v for m in masks for v in (id(m), m._version))
-        if key != self._key:
-            if isinstance(self.module, SparseLinear):
-                live = self.module.units >= 0
-                unit = self.module.block**2
-                in_a = int(torch.count_nonzero(self.module.in_a & live)) * unit
-                self._counts = (in_a, int(torch.count_nonzero(live)) * unit)
-            else:
-                a, b = masks
-                self._counts = (int(torch.count_nonzero(a)), int(torch.count_nonzero(b)))
-            self._key = key
-        return self._counts
+        """(entries in A, entries in B) of the masks now in effect (all entries when dense)."""
+        return (self.numel, self.numel) if self.tensor is None else self.tensor.storage.counts()
 
     def add_call(self, inputs: tuple[Any, ...], output: Tensor) -> None:
         """Count one training forward call (A.2 rule with the masks in effect now)."""
@@ -426,7 +394,7 @@ class _Layer:
         in_a, in_b = self.counts()
         forward = 2 * rows * in_a
         x = inputs[0] if inputs else None
-        weight_grad = _weight(self.module).requires_grad
+        weight_grad = _weight(self.module, self.tensor).requires_grad
         p = self.pending
         p.rows += rows
         p.dense_forward += 2 * rows * self.numel
@@ -593,13 +561,15 @@ class FlopLedger:
 
     def _register(self, model: nn.Module) -> None:
         layer_names: list[str] = []
+        sparse = {} if self.sparsity is None else {id(t.module): t for t in self.sparsity.tensors}
         for name, module in model.named_modules():
             if any(not p or name.startswith(p + ".") for p in layer_names):
                 continue  # inside a weight layer (its parametrizations): counted with the layer
-            kind = _layer_kind(module)
+            tensor = sparse.get(id(module))
+            kind = tensor.op if tensor is not None else layer_op(module)
             layer = None
             if kind is not None:
-                layer = _Layer(name, module, kind, self._scope_of[name])
+                layer = _Layer(name, module, kind, self._scope_of[name], tensor)
                 self.layers.append(layer)
                 layer_names.append(name)
             root = module is model

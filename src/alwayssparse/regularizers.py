@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from alwayssparse.masks import block_norms, matrix_view
-from alwayssparse.methods.base import SparseTensor
+from alwayssparse.sparse_tensor import SparseTensor
 
 GROUP_LASSO_EPS = 1e-6
 

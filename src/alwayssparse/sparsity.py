@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from alwayssparse.backends import BACKENDS, make_backend
+from alwayssparse.backends import BACKENDS, TensorSpec, make_backend
 from alwayssparse.capture import GradientCapture
 from alwayssparse.config import registry_sections, section_names, to_dict
 from alwayssparse.layout import (
@@ -35,9 +35,8 @@ from alwayssparse.layout import (
     summary_table,
 )
 from alwayssparse.masks import BLOCK_NORMS, check_block_shape
-from alwayssparse.methods import METHODS, Method, RigL
-from alwayssparse.methods.base import mark_forward
-from alwayssparse.optim_state import check_optimizer, zero_state
+from alwayssparse.methods import METHODS, Method
+from alwayssparse.optim_state import check_optimizer
 from alwayssparse.regularizers import apply_group_lasso
 
 
@@ -171,49 +170,63 @@ class Sparsity:
             if info.sparse:
                 check_block_shape(info.shape, config.block_size, info.name)
         self.method.setup(total_steps, config.block_size)
-        density = 1.0 - config.sparsity
-        backward_density = 1.0 - self.method.backward_sparsity_for(config.sparsity)
-        distribution = config.layout.distribution
-        self.target_densities = layer_densities(self.infos, density, distribution)
-        backward = layer_densities(self.infos, backward_density, distribution)
-        self.target_backward_densities = {
-            name: max(d, backward[name]) for name, d in self.target_densities.items()
-        }
+        specs = self._specs()
+        self.target_densities = {spec.info.name: spec.density for spec in specs}
+        self.target_backward_densities = {s.info.name: s.backward_density for s in specs}
         self.generator = torch.Generator().manual_seed(seed)
-        if config.backend == "sparse" and not self.method.fixed_layer_counts:
+        self._backend = make_backend(config.backend)
+        if self._backend.fixed_capacity and not self.method.fixed_layer_counts:
             raise ValueError(
-                "backend 'sparse' stores a fixed number of units per layer, but this "
+                f"backend {config.backend!r} stores a fixed number of units per layer, but this "
                 f"{config.method} configuration moves units between layers (global selection); "
                 "use selection='layer' or backend 'masked'"
             )
-        self._backend = make_backend(config.backend)
-        self.tensors = self._backend.attach(
-            model,
-            self.infos,
-            self.target_densities,
-            self.target_backward_densities,
-            block=config.block_size,
-            reservoir=self.method.keeps_reservoir,
-        )
-        for t in self.tensors:
-            t.block, t.block_norm = config.block_size, config.block_norm
         self._model = model
-        self._capture: GradientCapture | None = None
-        if isinstance(self.method, RigL):
-            modules = {t.name: t.module for t in self.tensors if t.module is not None}
-            self._capture = GradientCapture(modules)
-            self.method.attach_capture(self._capture)
+        self.tensors = self._backend.attach(
+            model, specs, block=config.block_size, block_norm=config.block_norm,
+            reservoir=self.method.keeps_reservoir,
+        )  # fmt: skip
+        self._capture = self._make_capture()
         self.method.init_masks(self.tensors, self.generator)
+        self._backend.finish_init(self.tensors)
         # Positions ever in A: the explored degrees of freedom (dynsparse-bert.md Fig. 5/11).
-        self.ever_active = {t.name: self._backend.dense_masks(t)[0].clone() for t in self.tensors}
+        self.ever_active = {t.name: t.storage.dense_masks()[0].clone() for t in self.tensors}
         self._backend.after_update(self.tensors)
         self._prepare(0)
+
+    def _specs(self) -> list[TensorSpec]:
+        """Per sparse parameter, its target densities of A and B and the largest of B."""
+        sparsity, distribution = self.config.sparsity, self.config.layout.distribution
+        forward = layer_densities(self.infos, 1.0 - sparsity, distribution)
+        backward = layer_densities(
+            self.infos, 1.0 - self.method.backward_sparsity_for(sparsity), distribution
+        )
+        capacity = layer_densities(
+            self.infos, 1.0 - self.method.capacity_sparsity_for(sparsity), distribution
+        )
+        specs = []
+        for info in self.infos:
+            if info.sparse:
+                d, b = forward[info.name], max(forward[info.name], backward[info.name])
+                specs.append(TensorSpec(info, d, b, max(b, capacity[info.name])))
+        return specs
+
+    def _make_capture(self) -> GradientCapture | None:
+        """The dense-gradient capture of a method that ranks by it (RigL), handed to each
+        tensor as its source of gradient rows."""
+        if not self.method.uses_dense_gradient:
+            return None
+        capture = GradientCapture(
+            {t.name: (t.module, t.op, t.shape) for t in self.tensors if t.module is not None}
+        )
+        for t in self.tensors:
+            t.gradient_rows = capture.row_chunks
+        return capture
 
     # -- the training loop ----------------------------------------------------------------
 
     def regularizer(self) -> Tensor:
         """The method's extra loss term (Top-KAST's exploration loss), or a zero scalar."""
-        self._backend.refresh_views(self.tensors)
         self._check_unsharded()
         value = self.method.regularizer(self.tensors) if self.tensors else None
         if value is None:
@@ -232,15 +245,11 @@ class Sparsity:
         lets the method update the masks for step ``step + 1``, resetting the optimizer state of
         entries that entered or left B.
         """
-        check_optimizer(optimizer)
+        _check_step_arguments(step, optimizer)
         self._backend.check_optimizer(self.tensors, optimizer)
-        self._backend.refresh_views(self.tensors)
         self._check_unsharded()
         learning_rates = self._learning_rates(optimizer)
-        updating = self.method.updates_at(step)
-        self._backend.before_update(
-            self.tensors, optimizer, changing=updating or self.config.group_lasso > 0
-        )
+        self._backend.before_update(self.tensors, optimizer)
         if self.config.group_lasso > 0:
             for t in self.tensors:
                 apply_group_lasso(
@@ -249,20 +258,21 @@ class Sparsity:
                     coefficient=self.config.group_lasso,
                     weight_std=self.config.group_lasso_std,
                 )
-        entered = self.method.update(step, self.tensors, self.generator) if updating else {}
+        updating = self.method.updates_at(step)
+        changes = self.method.update(step, self.tensors, self.generator) if updating else {}
         for t in self.tensors:
-            if t.name in entered:
+            if t.name in changes:
                 # Entries that left B keep no stale history; entries that entered start afresh.
-                zero_state(optimizer, t.weight, ~t.grad_mask | entered[t.name])
-                mark_forward(t, self.ever_active[t.name])  # in place, no dense temporary
-        self._backend.after_update(self.tensors, optimizer)
+                t.storage.carry_state(optimizer, changes[t.name])
+                t.storage.mark_forward(self.ever_active[t.name])  # in place, no dense temporary
+        self._backend.after_update(self.tensors)
         self._prepare(step + 1)
 
     def _check_unsharded(self) -> None:
         """Refuse parameters sharded by FSDP (DTensors): masks are whole tensors on every rank
         and are applied to whole parameters; data parallelism goes through DDP."""
         for t in self.tensors:
-            for tensor in (t.weight, self._backend.parameter(t)):
+            for tensor in (t.weight,):
                 if isinstance(tensor, _SHARDED_TYPES):
                     raise NotImplementedError(
                         f"{t.name} is sharded ({type(tensor).__name__}, e.g. by FSDP's "
@@ -281,14 +291,13 @@ class Sparsity:
     def _learning_rates(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """The current learning rate of each sparse tensor's trainable parameter."""
         by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        return {t.name: by_id.get(id(self._backend.parameter(t)), 0.0) for t in self.tensors}
+        return {t.name: by_id.get(id(t.weight), 0.0) for t in self.tensors}
 
     # -- inspection -------------------------------------------------------------------------
 
     def masks(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Per sparse parameter name, the current (forward mask A, gradient mask B)."""
-        self._backend.refresh_views(self.tensors)
-        return {t.name: self._backend.dense_masks(t) for t in self.tensors}
+        return {t.name: t.storage.dense_masks() for t in self.tensors}
 
     def densities(self) -> dict[str, tuple[float, float]]:
         """Per sparse parameter, the (forward, backward) density the masks hold right now."""
@@ -344,15 +353,30 @@ class Sparsity:
         self.generator.set_state(state["generator"])
         for name, mask in state["ever_active"].items():
             self.ever_active[name].copy_(mask)
-        self._backend.refresh_views(self.tensors)
         self._backend.after_update(self.tensors)
         self._prepare(int(state["upcoming_step"]))
+
+    def weight_parameters(self) -> list[Tensor]:
+        """Parameters that are weight matrices whatever their shape (a sparse backend's stored
+        values are 1-D); an optimizer applies weight decay to them as to every 2-D one."""
+        return self._backend.weight_parameters(self._model)
 
     def export(self) -> None:
         """Remove the sparsity machinery, leaving plain weights equal to theta * A."""
         if self._capture is not None:
             self._capture.remove()
         self._backend.export(self._model)
+
+
+def _check_step_arguments(step: Any, optimizer: Any) -> None:
+    """``sparsity.step(step, optimizer)``: say so when the arguments are swapped or wrong."""
+    if isinstance(step, torch.optim.Optimizer):
+        raise TypeError(
+            "sparsity.step(step, optimizer) takes the step first: the arguments are swapped"
+        )
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"sparsity.step: step must be an int, got {type(step).__name__}")
+    check_optimizer(optimizer)
 
 
 def _sharded_types() -> tuple[type, ...]:

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from alwayssparse import distributed
-from alwayssparse.backends import SparseLinear
 from alwayssparse.config import from_dict, to_dict
 from alwayssparse.dynamics import MaskDynamics
 from alwayssparse.flops import FlopLedger
@@ -384,11 +383,13 @@ def resolve_device(name: str) -> torch.device:
     return distributed.process_device(name, local_rank=0, world_size=1)
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: OptimConfig, weights: Sequence[torch.Tensor] = ()
+) -> torch.optim.Optimizer:
     """The optimizer over all parameters, with weight decay on weight matrices only (as in
-    GPT-2): not on biases and norms. A sparse layer's stored values are weights too, even when
-    they are held as a 1-D list of entries."""
-    stored = {id(m.values) for m in model.modules() if isinstance(m, SparseLinear)}
+    GPT-2): not on biases and norms. ``weights`` are weights whatever their shape: a sparse
+    layer's stored values (``Sparsity.weight_parameters()``), even a 1-D list of entries."""
+    stored = {id(w) for w in weights}
     params = [p for p in model.parameters() if p.requires_grad]
     decays = [p for p in params if p.dim() >= 2 or id(p) in stored]
     decay_ids = {id(p) for p in decays}
@@ -588,7 +589,8 @@ def _train(
         if context.is_main:
             (run_dir / "layout.txt").write_text(layout + "\n")
         log(layout)
-    optimizer = build_optimizer(model, config.optim)
+    weights = sparsity.weight_parameters() if sparsity is not None else []
+    optimizer = build_optimizer(model, config.optim, weights)
     # FLOPs actually spent, per layer and step (dynsparse-bert.md appendix A.2).
     ledger = FlopLedger(model, sparsity, scope=config.train.flop_scope or None)
     batch_generator = torch.Generator().manual_seed(config.train.seed)

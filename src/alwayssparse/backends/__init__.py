@@ -1,25 +1,21 @@
-"""Backends: how sparse tensors are stored and multiplied.
+"""Backends: how sparse tensors are stored and multiplied (the contract: :mod:`.base`).
 
 ``masked``: dense theta times bool masks, any layer type and device, no savings.
 ``sparse``: only the stored entries, multiplied by sparse kernels (nn.Linear, CPU).
+
+A new backend is one module with a :class:`~alwayssparse.backends.base.Backend` subclass
+decorated with :func:`~alwayssparse.backends.base.register_backend`; importing it registers it.
 """
 
-from alwayssparse.backends.masked import MaskedBackend
-from alwayssparse.backends.sparse import SparseBackend, SparseLinear
+from alwayssparse.backends import masked as masked
+from alwayssparse.backends import sparse as sparse
+from alwayssparse.backends.base import (
+    BACKENDS,
+    Backend,
+    TensorSpec,
+    layer_op,
+    make_backend,
+    register_backend,
+)
 
-Backend = MaskedBackend | SparseBackend
-BACKENDS: dict[str, type[MaskedBackend] | type[SparseBackend]] = {
-    MaskedBackend.name: MaskedBackend,
-    SparseBackend.name: SparseBackend,
-}
-
-
-def make_backend(name: str) -> Backend:
-    """A new backend instance by name."""
-    try:
-        return BACKENDS[name]()
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}") from None
-
-
-__all__ = ["BACKENDS", "Backend", "MaskedBackend", "SparseBackend", "SparseLinear", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "TensorSpec", "layer_op", "make_backend", "register_backend"]

@@ -18,16 +18,15 @@ This works on any device but saves no time or memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from alwayssparse.layout import ParamInfo
-from alwayssparse.methods.base import SparseTensor
+from alwayssparse.backends.base import Backend, TensorSpec, layer_op, register_backend
 from alwayssparse.optim_state import zero_state
+from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
 
 
 class _ApplyMasks(torch.autograd.Function):
@@ -83,107 +82,101 @@ def _resnapshot_after_load(plist: nn.Module, _incompatible: Any) -> None:
     plist[0].snapshot(plist.original)  # type: ignore[index]
 
 
-@dataclass
-class _Entry:
-    module: nn.Module
-    attr: str
-    plist: nn.Module  # the ParametrizationList: ``original`` (theta) and [0] (MaskedWeight)
-    masked: MaskedWeight
+class _MaskedStorage(DenseStorage):
+    """Dense storage read from the parametrization on every access (``.to()`` replaces its
+    buffers and ``load_state_dict`` their contents; nothing needs re-pointing)."""
+
+    def __init__(self, plist: nn.Module) -> None:
+        super().__init__()
+        self.plist = plist
 
     @property
-    def original(self) -> Tensor:
+    def masked(self) -> MaskedWeight:
+        masked = self.plist[0]  # type: ignore[index]
+        assert isinstance(masked, MaskedWeight)
+        return masked
+
+    @property
+    def weight(self) -> Tensor:
         weight = self.plist.original
         assert isinstance(weight, Tensor)
         return weight
 
+    @property
+    def forward_mask(self) -> Tensor:
+        return self.masked.forward_mask
 
-class MaskedBackend:
+    @property
+    def grad_mask(self) -> Tensor:
+        return self.masked.grad_mask
+
+
+@register_backend
+class MaskedBackend(Backend):
     """Dense storage plus masks; every method and layer type, no speed-up."""
 
     name = "masked"
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._attached: list[tuple[nn.Module, str]] = []
 
     def attach(
         self,
         model: nn.Module,
-        infos: Sequence[ParamInfo],
-        densities: dict[str, float],
-        backward_densities: dict[str, float],
-        block: int = 1,
-        reservoir: bool = False,
+        specs: Sequence[TensorSpec],
+        *,
+        block: int,
+        block_norm: str,
+        reservoir: bool,
     ) -> list[SparseTensor]:
         """Install a :class:`MaskedWeight` on every sparse parameter of ``model``.
 
-        ``block`` and ``reservoir`` need nothing here: theta is dense, masks are per element.
+        ``reservoir`` needs nothing here: theta is dense, masks are per element.
         """
-        tensors = []
-        for info in infos:
-            if not info.sparse:
-                continue
-            module = model.get_submodule(info.module_name)
-            if parametrize.is_parametrized(module, info.attr):
-                raise ValueError(f"{info.name} is already parametrized; attach sparsity once")
-            weight = getattr(module, info.attr)
-            masked = MaskedWeight(weight)
-            parametrize.register_parametrization(module, info.attr, masked, unsafe=True)
-            plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
-            plist.register_load_state_dict_post_hook(_resnapshot_after_load)
-            entry = _Entry(module, info.attr, plist, masked)
-            self._entries[info.name] = entry
-            tensors.append(
-                SparseTensor(
-                    name=info.name,
-                    weight=entry.original,
-                    density=densities[info.name],
-                    backward_density=backward_densities[info.name],
-                    forward_mask=masked.forward_mask,
-                    grad_mask=masked.grad_mask,
-                    module=module,
-                )
-            )
-        return tensors
+        for spec in specs:
+            module = model.get_submodule(spec.info.module_name)
+            if parametrize.is_parametrized(module, spec.info.attr):
+                raise ValueError(f"{spec.info.name} is already parametrized; attach sparsity once")
+        return [self._attach_one(model, spec, block, block_norm) for spec in specs]
 
-    def refresh_views(self, tensors: Sequence[SparseTensor]) -> None:
-        """Re-point tensor handles at the buffers (``.to()`` replaces buffer objects)."""
-        for t in tensors:
-            entry = self._entries[t.name]
-            t.forward_mask = entry.masked.forward_mask
-            t.grad_mask = entry.masked.grad_mask
-            t.weight = entry.original
-
-    def dense_masks(self, t: SparseTensor) -> tuple[Tensor, Tensor]:
-        """(A, B) as dense bool tensors (they are stored that way)."""
-        return t.forward_mask, t.grad_mask
-
-    def parameter(self, t: SparseTensor) -> Tensor:
-        """The trainable tensor the optimizer holds for ``t``: theta itself."""
-        return t.weight
-
-    def check_optimizer(
-        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Nothing to check: the parameters are the user's own."""
+    def _attach_one(
+        self, model: nn.Module, spec: TensorSpec, block: int, block_norm: str
+    ) -> SparseTensor:
+        info = spec.info
+        module = model.get_submodule(info.module_name)
+        masked = MaskedWeight(getattr(module, info.attr))
+        parametrize.register_parametrization(module, info.attr, masked, unsafe=True)
+        plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
+        plist.register_load_state_dict_post_hook(_resnapshot_after_load)
+        self._attached.append((module, info.attr))
+        return SparseTensor(
+            name=info.name, shape=info.shape, density=spec.density,
+            backward_density=spec.backward_density, storage=_MaskedStorage(plist), block=block,
+            block_norm=block_norm, module=module, op=layer_op(module),
+        )  # fmt: skip
 
     def before_update(
-        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer, changing: bool
+        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
     ) -> None:
         """Undo whatever the optimizer step did outside B, values and optimizer state alike
         (on every step, whether or not the masks change)."""
         for t in tensors:
-            self._entries[t.name].masked.restore(t.weight)
+            _storage(t).masked.restore(t.weight)
             zero_state(optimizer, t.weight, ~t.grad_mask)
 
-    def after_update(
-        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer | None = None
-    ) -> None:
+    def after_update(self, tensors: Sequence[SparseTensor]) -> None:
         """Snapshot theta for the next :meth:`before_update`."""
         for t in tensors:
-            self._entries[t.name].masked.snapshot(t.weight)
+            _storage(t).masked.snapshot(t.weight)
 
     def export(self, model: nn.Module) -> None:
         """Remove the parametrizations, leaving plain parameters holding alpha = theta * A."""
-        for entry in self._entries.values():
-            parametrize.remove_parametrizations(entry.module, entry.attr, leave_parametrized=True)
-        self._entries.clear()
+        for module, attr in self._attached:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self._attached.clear()
+
+
+def _storage(t: SparseTensor) -> _MaskedStorage:
+    storage = t.storage
+    assert isinstance(storage, _MaskedStorage)
+    return storage

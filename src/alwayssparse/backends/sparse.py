@@ -22,7 +22,7 @@ Training step (kernels in :mod:`alwayssparse.kernels`, no dense weight or weight
     input gradient  gx = grad_y @ W_A          transposed sparse product
     weight gradient gv = (grad_y^T @ x)[B]     sampled dense-dense product at B's positions
 
-Mask updates run in unit space (:class:`alwayssparse.methods.base.UnitStorage`): the methods read
+Mask updates run in unit space (:class:`alwayssparse.sparse_tensor.UnitStorage`): the methods read
 B's sorted unit indices, A's flags and the block norms of the stored values, and hand back the
 new sorted units; :class:`CompactStorage` rebuilds the slots from them, carrying each surviving
 unit's value and optimizer state to its new slot (units that enter B start with zero optimizer
@@ -44,18 +44,18 @@ import torch
 from torch import Tensor, nn
 
 from alwayssparse import kernels
+from alwayssparse.backends.base import Backend, TensorSpec, register_backend, require_held
 from alwayssparse.layout import ParamInfo
 from alwayssparse.masks import (
     block_norms,
-    collapse_blocks,
     count_for_density,
     expand_blocks,
     gather_units,
     tile_norms,
     write_units,
 )
-from alwayssparse.methods.base import SparseTensor
 from alwayssparse.optim_state import ELEMENTWISE_STATE
+from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
 
@@ -93,7 +93,6 @@ class SparseLinear(nn.Module):
         reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
     """
 
-    linear_like = True  # RigL's gradient capture treats it as a Linear layer
     values: Tensor
     units: Tensor
     in_a: Tensor
@@ -244,31 +243,81 @@ class _SparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, None
 
 
-class CompactStorage:
-    """:class:`alwayssparse.methods.base.UnitStorage` of a :class:`SparseLinear`: mask updates
+class CompactStorage(UnitStorage):
+    """:class:`~alwayssparse.sparse_tensor.UnitStorage` of a :class:`SparseLinear`: mask updates
     read and rebuild the stored slots directly.
 
-    Memory of an update: O(capacity) (new values, one carried copy per optimizer state tensor,
-    index arrays); :meth:`grid_scores` alone ranks the whole tensor (Top-KAST's reservoir).
+    Until :meth:`compact` it serves a dense host view of the layer (``initial``), which the
+    method's ``init_masks`` writes. Memory of an update: O(capacity) (new values, one carried
+    copy per optimizer state tensor, index arrays); :meth:`grid_scores` alone ranks the whole
+    tensor (Top-KAST's reservoir).
     """
 
-    def __init__(self, layer: SparseLinear, tensor: SparseTensor) -> None:
-        self.layer, self.tensor = layer, tensor
-        self.optimizer: torch.optim.Optimizer | None = None  # set on every Sparsity.step
+    def __init__(self, layer: SparseLinear, initial: DenseStorage) -> None:
+        self.layer = layer
+        self.initial: DenseStorage | None = initial
+
+    def bind(self, tensor: SparseTensor) -> None:
+        super().bind(tensor)
+        if self.initial is not None:
+            self.initial.bind(tensor)
+
+    # -- views -----------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        return self.initial.weight if self.initial is not None else self.layer.values
+
+    @property
+    def forward_mask(self) -> Tensor:
+        if self.initial is not None:
+            return self.initial.forward_mask
+        return self.layer.slot_masks()[0]
+
+    @property
+    def grad_mask(self) -> Tensor:
+        if self.initial is not None:
+            return self.initial.grad_mask
+        return self.layer.slot_masks()[1]
+
+    def dense_masks(self) -> tuple[Tensor, Tensor]:
+        if self.initial is not None:
+            return self.initial.dense_masks()
+        layer = self.layer
+        pattern_a, pattern_b = layer.patterns()
+        return _unit_mask(layer, pattern_a.slots), _unit_mask(layer, pattern_b.slots)
+
+    def _set_tensors(self) -> tuple[Tensor, ...]:
+        return (self.layer.units, self.layer.in_a)
+
+    def counts(self) -> tuple[int, int]:
+        if self.initial is not None:
+            return self.initial.counts()
+        return super().counts()
+
+    # -- unit space --------------------------------------------------------------------------------
 
     def units(self) -> tuple[Tensor, Tensor]:
+        if self.initial is not None:
+            return self.initial.units()
         n = self.layer.stored()
         return self.layer.units[:n].long(), self.layer.in_a[:n]
 
     def unit_scores(self) -> Tensor:
+        if self.initial is not None:
+            return self.initial.unit_scores()
         tiles = self.layer.tiles().detach()[: self.layer.stored()]
         return tile_norms(tiles, self.tensor.block_norm)
 
     def grid_scores(self) -> Tensor:
+        if self.initial is not None:
+            return self.initial.grid_scores()
         layer = self.layer
         return block_norms(layer.sync_reservoir(), layer.block, self.tensor.block_norm)
 
-    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> Tensor:
+    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
+        if self.initial is not None:
+            return self.initial.assign(units, in_a, zeroed)
         layer = self.layer
         n = units.numel()
         if n > layer.capacity:
@@ -293,20 +342,21 @@ class CompactStorage:
                 hit, where = _lookup(units, zeroed.cpu())
                 new_tiles[where[hit]] = 0.0
         with torch.no_grad():
-            self._carry_state(source, target)
             tiles.copy_(new_tiles)
             layer.units.fill_(-1)
             layer.units[:n] = units
             layer.in_a.zero_()
             layer.in_a[:n] = in_a
         layer.invalidate()
-        self.tensor.forward_mask, self.tensor.grad_mask = layer.slot_masks()
         entered = torch.zeros(layer.capacity, dtype=torch.bool)
         entered[:n] = True
         entered[target] = False
-        return layer._per_slot(entered)
+        return TopologyChange(layer._per_slot(entered), moved=(source, target))
 
     def write(self, units: Tensor, values: Tensor) -> None:
+        if self.initial is not None:
+            self.initial.write(units, values)
+            return
         layer = self.layer
         found, slots = _lookup(layer.units[: layer.stored()].long(), units.cpu().long())
         if not bool(found.all()):
@@ -314,19 +364,52 @@ class CompactStorage:
         with torch.no_grad():
             layer.tiles()[slots] = values.to(layer.values).view(-1, layer.block, layer.block)
 
-    def _carry_state(self, source: Tensor, target: Tensor) -> None:
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def carry_state(self, optimizer: torch.optim.Optimizer, change: TopologyChange) -> None:
         """Optimizer state follows the survivors to their new slots; every other slot is 0."""
-        if self.optimizer is None:
+        if change.moved is not None:
+            source, target = change.moved
+            state = optimizer.state.get(self.layer.values, {})
+            for key in ELEMENTWISE_STATE:
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape == self.layer.values.shape:
+                    tiles = value.view(self.layer.tiles().shape)
+                    carried = torch.zeros_like(tiles)
+                    carried[target] = tiles[source]
+                    tiles.copy_(carried)
+        super().carry_state(optimizer, change)
+
+    def compact(self) -> None:
+        """Fill the slots from the initial dense host view (no optimizer yet) and drop it."""
+        initial, layer = self.initial, self.layer
+        if initial is None:
             return
-        values = self.layer.values
-        state = self.optimizer.state.get(values, {})
-        for key in ELEMENTWISE_STATE:
-            value = state.get(key)
-            if isinstance(value, Tensor) and value.shape == values.shape:
-                tiles = value.view(self.layer.tiles().shape)
-                carried = torch.zeros_like(tiles)
-                carried[target] = tiles[source]
-                tiles.copy_(carried)
+        new_units, in_a = initial.units()  # sorted
+        n = new_units.numel()
+        if n > layer.capacity:
+            raise RuntimeError(
+                f"{self.tensor.name}: {n} units in B exceed capacity {layer.capacity}"
+            )
+        with torch.no_grad():
+            layer.values.zero_()
+            layer.tiles()[:n] = gather_units(initial.weight.detach(), new_units, layer.block)
+            layer.units.fill_(-1)
+            layer.units[:n] = new_units
+            layer.in_a.zero_()
+            layer.in_a[:n] = in_a
+            if layer.reservoir is not None:
+                layer.reservoir.copy_(initial.weight.detach())
+        layer.invalidate()
+        self.initial = None
+
+
+def _unit_mask(layer: SparseLinear, slots: Tensor) -> Tensor:
+    grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool)
+    grid[layer.units[slots]] = True
+    return expand_blocks(
+        grid.view(layer.grid), layer.block, (layer.out_features, layer.in_features)
+    )
 
 
 def _lookup(sorted_units: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
@@ -343,172 +426,103 @@ def _survivors(old_units: Tensor, new_units: Tensor) -> tuple[Tensor, Tensor]:
     return position[found], torch.nonzero(found).squeeze(1)
 
 
-@dataclass
-class _Entry:
-    parent: nn.Module
-    attr: str
-    layer: SparseLinear
-    storage: CompactStorage
-    dense_view: bool = False  # whether the SparseTensor currently holds host-side dense views
-
-
-class SparseBackend:
+@register_backend
+class SparseBackend(Backend):
     """Stored entries only, sparse kernels; ``nn.Linear`` layers on the CPU."""
 
     name = "sparse"
+    fixed_capacity = True
+    supported_blocks = SUPPORTED_BLOCKS
+    devices = ("cpu",)
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._swapped: list[tuple[nn.Module, str, SparseLinear]] = []
 
     def attach(
         self,
         model: nn.Module,
-        infos: Sequence[ParamInfo],
-        densities: dict[str, float],
-        backward_densities: dict[str, float],
-        block: int = 1,
-        reservoir: bool = False,
+        specs: Sequence[TensorSpec],
+        *,
+        block: int,
+        block_norm: str,
+        reservoir: bool,
     ) -> list[SparseTensor]:
-        """Replace every sparse ``nn.Linear`` by a :class:`SparseLinear`; return dense host views
-        (the method's ``init_masks`` writes them; :meth:`after_update` compacts them)."""
+        """Replace every sparse ``nn.Linear`` by a :class:`SparseLinear`; the tensors serve dense
+        host views until :meth:`finish_init` compacts what the method's ``init_masks`` wrote."""
         if block not in SUPPORTED_BLOCKS:
             raise ValueError(
                 f"backend 'sparse' supports block_size in {list(SUPPORTED_BLOCKS)}, got {block}"
             )
-        tensors = []
-        for info in infos:
-            if not info.sparse:
-                continue
-            linear = model.get_submodule(info.module_name)
-            if not info.module_name:
-                raise ValueError(
-                    "backend 'sparse' replaces sparse layers inside a model; the model itself is "
-                    f"a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
-                )
-            if type(linear) is not nn.Linear or info.attr != "weight":
-                raise ValueError(
-                    f"backend 'sparse' supports nn.Linear weights; {info.name} belongs to "
-                    f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
-                    "backend 'masked'"
-                )
-            if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
-                raise ValueError(
-                    f"backend 'sparse' kernels run on CPU float32; {info.name} is "
-                    f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
-                )
-            units = linear.weight.numel() // (block * block)
-            capacity = count_for_density(units, backward_densities[info.name])
-            layer = SparseLinear(linear, block, capacity, reservoir)
-            parent_name, _, attr = info.module_name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, attr, layer)
-            weight = linear.weight.detach().clone()
-            full = torch.ones_like(weight, dtype=torch.bool)
-            tensor = SparseTensor(
-                name=info.name, weight=weight, density=densities[info.name],
-                backward_density=backward_densities[info.name], forward_mask=full,
-                grad_mask=full.clone(), block=block, module=layer,
-            )  # fmt: skip
-            storage = CompactStorage(layer, tensor)
-            self._entries[info.name] = _Entry(parent, attr, layer, storage, dense_view=True)
-            tensors.append(tensor)
-        return tensors
+        for spec in specs:  # every check before the model changes
+            _check_supported(model, spec.info)
+        return [self._attach_one(model, spec, block, block_norm, reservoir) for spec in specs]
 
-    # -- views ---------------------------------------------------------------------------------
-
-    def refresh_views(self, tensors: Sequence[SparseTensor]) -> None:
-        """Compact views: ``weight`` is the ``values`` parameter, masks are per slot, and the
-        methods update through the layer's :class:`CompactStorage`."""
-        for t in tensors:
-            entry = self._entries[t.name]
-            if entry.dense_view:
-                continue
-            layer = entry.layer
-            entry.storage.tensor = t
-            t.weight = layer.values
-            t.forward_mask, t.grad_mask = layer.slot_masks()
-            t.compact = entry.storage
-
-    def dense_masks(self, t: SparseTensor) -> tuple[Tensor, Tensor]:
-        """(A, B) as dense bool tensors of the weight's shape (inspection only)."""
-        entry = self._entries[t.name]
-        if entry.dense_view:
-            return t.forward_mask, t.grad_mask
-        layer = entry.layer
-        pattern_a, pattern_b = layer.patterns()
-        return self._unit_mask(layer, pattern_a.slots), self._unit_mask(layer, pattern_b.slots)
-
-    def _unit_mask(self, layer: SparseLinear, slots: Tensor) -> Tensor:
-        grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool)
-        grid[layer.units[slots]] = True
-        return expand_blocks(
-            grid.view(layer.grid), layer.block, (layer.out_features, layer.in_features)
+    def _attach_one(
+        self, model: nn.Module, spec: TensorSpec, block: int, block_norm: str, reservoir: bool
+    ) -> SparseTensor:
+        info = spec.info
+        linear = model.get_submodule(info.module_name)
+        assert isinstance(linear, nn.Linear)
+        capacity = count_for_density(
+            linear.weight.numel() // (block * block), spec.capacity_density
         )
+        layer = SparseLinear(linear, block, capacity, reservoir)
+        parent_name, _, attr = info.module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, layer)
+        self._swapped.append((parent, attr, layer))
+        weight = linear.weight.detach().clone()
+        full = torch.ones_like(weight, dtype=torch.bool)
+        storage = CompactStorage(layer, DenseStorage(weight, full, full.clone()))
+        return SparseTensor(
+            name=info.name, shape=info.shape, density=spec.density,
+            backward_density=spec.backward_density, storage=storage, block=block,
+            block_norm=block_norm, module=layer, op="linear",
+        )  # fmt: skip
 
-    def parameter(self, t: SparseTensor) -> Tensor:
-        """The trainable tensor the optimizer holds for ``t``."""
-        return self._entries[t.name].layer.values
+    def finish_init(self, tensors: Sequence[SparseTensor]) -> None:
+        """Compact the initial dense views into the stored slots."""
+        for t in tensors:
+            storage = t.storage
+            assert isinstance(storage, CompactStorage)
+            storage.compact()
 
     def check_optimizer(
         self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
     ) -> None:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for t in tensors:
-            if id(self._entries[t.name].layer.values) not in held:
-                raise ValueError(
-                    f"the optimizer does not hold the stored values of {t.name}: with backend "
-                    "'sparse', build the optimizer after Sparsity(model, ...)"
-                )
+        require_held(tensors, optimizer)
 
-    # -- updates -------------------------------------------------------------------------------
-
-    def before_update(
-        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer, changing: bool
-    ) -> None:
-        """Nothing to restore (entries outside B do not exist); give the compact storages the
-        optimizer, whose state they carry when the slots are rebuilt."""
-        for t in tensors:
-            self._entries[t.name].storage.optimizer = optimizer
-
-    def after_update(
-        self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer | None = None
-    ) -> None:
-        """Compact the initial dense views into the stored slots; refresh the views."""
-        for t in tensors:
-            entry = self._entries[t.name]
-            entry.storage.optimizer = None
-            if entry.dense_view:
-                self._compact(t, entry.layer)
-                entry.dense_view = False
-        self.refresh_views(tensors)
-
-    def _compact(self, t: SparseTensor, layer: SparseLinear) -> None:
-        """Fill the slots from the dense host view of the initial masks (no optimizer yet)."""
-        new_units = torch.nonzero(collapse_blocks(t.grad_mask, layer.block).reshape(-1))
-        new_units = new_units.squeeze(1)  # sorted
-        n = new_units.numel()
-        if n > layer.capacity:
-            raise RuntimeError(f"{t.name}: {n} units in B exceed capacity {layer.capacity}")
-        in_a = collapse_blocks(t.forward_mask, layer.block).reshape(-1)[new_units]
-        with torch.no_grad():
-            layer.values.zero_()
-            layer.tiles()[:n] = gather_units(t.weight.detach(), new_units, layer.block)
-            layer.units.fill_(-1)
-            layer.units[:n] = new_units
-            layer.in_a.zero_()
-            layer.in_a[:n] = in_a
-            if layer.reservoir is not None:
-                layer.reservoir.copy_(t.weight.detach())
-        layer.invalidate()
+    def weight_parameters(self, model: nn.Module) -> list[Tensor]:
+        """The stored values of every :class:`SparseLinear` (1-D for unstructured layers)."""
+        return [m.values for m in model.modules() if isinstance(m, SparseLinear)]
 
     def export(self, model: nn.Module) -> None:
         """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere."""
-        for entry in self._entries.values():
-            layer = entry.layer
+        for parent, attr, layer in self._swapped:
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             with torch.no_grad():
                 linear.weight.copy_(layer.dense_weight())
             if layer.bias is not None:
                 linear.bias = layer.bias
-            setattr(entry.parent, entry.attr, linear)
-        self._entries.clear()
+            setattr(parent, attr, linear)
+        self._swapped.clear()
+
+
+def _check_supported(model: nn.Module, info: ParamInfo) -> None:
+    linear = model.get_submodule(info.module_name)
+    if not info.module_name:
+        raise ValueError(
+            "backend 'sparse' replaces sparse layers inside a model; the model itself is "
+            f"a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
+        )
+    if type(linear) is not nn.Linear or info.attr != "weight":
+        raise ValueError(
+            f"backend 'sparse' supports nn.Linear weights; {info.name} belongs to "
+            f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
+            "backend 'masked'"
+        )
+    if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+        raise ValueError(
+            f"backend 'sparse' kernels run on CPU float32; {info.name} is "
+            f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
+        )

@@ -1,12 +1,7 @@
 """Sparse-training methods, registered by name (see :mod:`alwayssparse.methods.base`)."""
 
-from alwayssparse.methods.base import (
-    METHODS,
-    Method,
-    SparseTensor,
-    get_method_class,
-    register,
-)
+from alwayssparse.methods.base import METHODS, Method, get_method_class, register
+from alwayssparse.sparse_tensor import SparseTensor
 
 # Registration order is the order of the config sections: keep static and topkast first.
 from alwayssparse.methods.static import Static  # isort: skip

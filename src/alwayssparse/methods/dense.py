@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from alwayssparse.methods.base import Method, SparseTensor, register
+from alwayssparse.methods.base import Method, register
+from alwayssparse.sparse_tensor import SparseTensor
 
 DENSE = "dense"
 

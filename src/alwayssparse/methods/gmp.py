@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from alwayssparse.masks import count_for_density, topk_mask
-from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+from alwayssparse.methods.base import Method, register
 from alwayssparse.schedules import cubic_sparsity
+from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, set_masks
 
 
 @register
@@ -73,8 +74,8 @@ class GMP(Method):
         else:
             self.stop = max(self.start_step + 1, round(self.stop_fraction * total_steps))
 
-    def backward_sparsity_for(self, sparsity: float) -> float:
-        """B = A, at its largest before pruning starts: the storage a sparse backend needs."""
+    def capacity_sparsity_for(self, sparsity: float) -> float:
+        """B = A is at its largest before pruning starts (``initial_sparsity``)."""
         return self.initial_sparsity
 
     def updates_at(self, step: int) -> bool:
@@ -101,13 +102,13 @@ class GMP(Method):
 
     def update(
         self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, TopologyChange]:
         upcoming = step + 1
         if not self.is_update(upcoming):
             return {}
         return {t.name: self._prune_stored(t, self.density_at(t, upcoming)) for t in tensors}
 
-    def _prune_stored(self, t: SparseTensor, density: float) -> Tensor:
+    def _prune_stored(self, t: SparseTensor, density: float) -> TopologyChange:
         """Keep the largest-magnitude active units at ``density`` (never more than are active);
         the others are set to zero and leave A = B."""
         storage = t.storage

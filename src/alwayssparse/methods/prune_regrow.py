@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from alwayssparse.masks import random_mask, sample_outside, topk_mask
-from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+from alwayssparse.methods.base import Method, register
 from alwayssparse.schedules import DROP_SCHEDULES, UpdateSchedule
+from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, set_masks
 
 
 def init_random_masks(tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
@@ -72,7 +73,6 @@ class PruneRegrow(Method):
         regrow_std: 0 regrows at zero; > 0 draws regrown weights from a truncated normal.
     """
 
-    uses_dense_gradient: ClassVar[bool] = False
     default_update_interval: ClassVar[int] = 100
 
     update_interval: int | None = None
@@ -147,7 +147,7 @@ class PruneRegrow(Method):
 
     def update(
         self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, TopologyChange]:
         upcoming = step + 1
         if not self.schedule.is_update(upcoming):
             return {}
@@ -168,7 +168,7 @@ class PruneRegrow(Method):
 
     def _prune_regrow(
         self, t: SparseTensor, fraction: float, generator: torch.Generator
-    ) -> Tensor | None:
+    ) -> TopologyChange | None:
         storage = t.storage
         units, in_a = storage.units()
         active = units[in_a]
@@ -182,13 +182,13 @@ class PruneRegrow(Method):
         kept_and_grown, _ = torch.sort(torch.cat([active[keep], grown]))
         dropped = active[~keep]
         # Dropped and grown weights are set to zero; A = B = kept | grown.
-        entered = storage.assign(kept_and_grown, torch.ones_like(kept_and_grown, dtype=torch.bool),
-                                 zeroed=torch.cat([dropped, grown]))  # fmt: skip
+        change = storage.assign(kept_and_grown, torch.ones_like(kept_and_grown, dtype=torch.bool),
+                                zeroed=torch.cat([dropped, grown]))  # fmt: skip
         if self.regrow_std > 0:
             block_entries = t.block * t.block
             storage.write(grown, truncated_normal(grown.numel() * block_entries,
                                                   self.regrow_std, generator))  # fmt: skip
-        return entered
+        return change
 
 
 @register

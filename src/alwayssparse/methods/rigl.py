@@ -20,10 +20,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from alwayssparse.capture import GradientCapture
 from alwayssparse.masks import block_norms, topk_mask
-from alwayssparse.methods.base import SparseTensor, register
+from alwayssparse.methods.base import register
 from alwayssparse.methods.prune_regrow import PruneRegrow
+from alwayssparse.sparse_tensor import SparseTensor
 
 
 @register
@@ -49,10 +49,6 @@ class RigL(PruneRegrow):
                 f"rigl.gradient_chunk_elements must be >= 1, got {self.gradient_chunk_elements}"
             )
 
-    def attach_capture(self, capture: GradientCapture) -> None:
-        """Where the layers' inputs and output gradients are kept (set by ``Sparsity``)."""
-        self.capture = capture
-
     def needs_dense_gradient(self, step: int) -> bool:
         return self.schedule.is_update(step + 1)
 
@@ -66,7 +62,7 @@ class RigL(PruneRegrow):
         rows_per_chunk = max(1, self.gradient_chunk_elements // cols // t.block) * t.block
         best_scores = torch.empty(0, device=active.device)
         best_index = torch.empty(0, dtype=torch.long, device=active.device)
-        for first_row, grad_rows in self.capture.row_chunks(t.name, rows_per_chunk):
+        for first_row, grad_rows in t.dense_gradient_rows(rows_per_chunk):
             scores = block_norms(grad_rows, t.block, t.block_norm).reshape(-1).to(active.device)
             offset = (first_row // t.block) * grid_cols
             # Candidates: the chunk's units that were not active (active ones score -inf).

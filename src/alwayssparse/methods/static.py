@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from alwayssparse.masks import random_mask
-from alwayssparse.methods.base import Method, SparseTensor, register, set_masks
+from alwayssparse.methods.base import Method, register
+from alwayssparse.sparse_tensor import SparseTensor, set_masks
 
 
 @register

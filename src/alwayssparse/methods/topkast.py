@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
-from alwayssparse.methods.base import Method, SparseTensor, register
+from alwayssparse.methods.base import Method, register
+from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange
 
 SELECTIONS = ("layer", "global")
 EXPLORATION_NORMS = ("l2", "l1")
@@ -111,7 +112,7 @@ class TopKAST(Method):
             )
 
     def __post_init__(self) -> None:
-        self._coefficient_cache: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+        self._coefficient_cache: dict[str, tuple[TensorsKey, Tensor]] = {}
 
     @property
     def fixed_layer_counts(self) -> bool:
@@ -137,7 +138,7 @@ class TopKAST(Method):
 
     def update(
         self, step: int, tensors: Sequence[SparseTensor], generator: torch.Generator
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, TopologyChange]:
         upcoming = step + 1  # masks written now are used by the next optimizer step
         if upcoming % self.refresh_interval == 0:
             return self._refresh(tensors, generator, explore=self.exploring(upcoming))
@@ -158,8 +159,8 @@ class TopKAST(Method):
 
     def _coefficients(self, t: SparseTensor) -> Tensor:
         """c = 1 on A, 1/D on B\\A, 0 on C; cached until either mask is written again."""
-        # In-place writes bump a tensor's _version, so (id, _version) identifies the mask state.
-        key = (id(t.forward_mask), t.forward_mask._version, id(t.grad_mask), t.grad_mask._version)
+        # In-place writes bump a tensor's _version; a new mask tensor is another object.
+        key = TensorsKey((t.forward_mask, t.grad_mask))
         cached = self._coefficient_cache.get(t.name)
         if cached is None or cached[0] != key:
             only_b = (t.grad_mask & ~t.forward_mask).to(t.weight.dtype) / t.density
@@ -174,7 +175,7 @@ class TopKAST(Method):
 
     def _refresh(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, TopologyChange]:
         storages = [t.storage for t in tensors]
         scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
         forward_counts = [t.forward_count for t in tensors]
@@ -204,7 +205,7 @@ class TopKAST(Method):
         }
 
 
-def _keep_only_a(t: SparseTensor) -> Tensor:
+def _keep_only_a(t: SparseTensor) -> TopologyChange:
     """B = A (exploration stops), through the tensor's unit storage."""
     storage = t.storage
     units, in_a = storage.units()

@@ -1,0 +1,361 @@
+"""What a method sees of one sparse parameter: :class:`SparseTensor` and its :class:`UnitStorage`.
+
+This is the half of the backend contract that methods use (the other half, what
+:class:`alwayssparse.Sparsity` uses, is :class:`alwayssparse.backends.base.Backend`). A method
+never knows which backend stores a tensor: it reads the trainable tensor and the masks, and it
+changes the sets A and B through the storage, in *unit space* (flat indices on the block grid).
+
+Every backend gives each sparse parameter one :class:`UnitStorage`. Its three views are read
+from the backend on every access, so there is nothing to refresh after ``model.to(...)``, a
+checkpoint load or a mask update:
+
+    weight          the trainable tensor the optimizer holds (dense theta, or stored values)
+    forward_mask    A as a bool tensor of ``weight``'s shape (in place of entries or slots)
+    grad_mask       B, a superset of A, likewise
+
+A mask update is ``storage.assign(units, in_a)``: B becomes the sorted ``units`` and A the flagged
+ones. It returns a :class:`TopologyChange`, which :class:`~alwayssparse.Sparsity` hands to
+``storage.carry_state(optimizer, change)`` so that the optimizer state follows the entries (and
+starts at zero for entries that entered B). A method calls ``assign`` at most once per tensor
+and update and returns the changes by tensor name.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from alwayssparse.masks import (
+    block_norms,
+    collapse_blocks,
+    count_for_density,
+    expand_blocks,
+    gather_units,
+    tile_norms,
+    write_units,
+)
+from alwayssparse.optim_state import zero_state
+
+# Row chunks of the dense weight gradient, (first row, rows) (see alwayssparse.capture).
+GradientRows = Callable[[str, int], Iterator[tuple[int, Tensor]]]
+
+
+class TensorsKey:
+    """Identifies the contents of some tensors for a cache: the same objects (held here, so
+    their ids cannot be reused) at the same in-place version counters."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = tuple(tensors)
+        self.versions = tuple(t._version for t in self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, TensorsKey)
+            and len(other.tensors) == len(self.tensors)
+            and all(a is b for a, b in zip(self.tensors, other.tensors, strict=True))
+            and self.versions == other.versions
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass
+class TopologyChange:
+    """What one ``assign`` did, for the optimizer state.
+
+    Attributes:
+        entered: Bool tensor of ``weight``'s shape: entries (or slots) that entered B; their
+            optimizer state starts at zero.
+        moved: For storage whose entries change slots (compact storage): the (old slots, new
+            slots) of the units kept in B; their optimizer state moves with them. ``None``:
+            entries keep their place.
+    """
+
+    entered: Tensor
+    moved: tuple[Tensor, Tensor] | None = None
+
+
+class UnitStorage(ABC):
+    """One sparse parameter's storage: the trainable tensor, A and B, and their updates.
+
+    Subclasses implement the views and the unit-space operations; ``tensor`` (the
+    :class:`SparseTensor` it serves, for the block geometry) is set when that is built.
+    """
+
+    tensor: SparseTensor
+
+    def bind(self, tensor: SparseTensor) -> None:
+        """Called once by the :class:`SparseTensor` this storage serves."""
+        self.tensor = tensor
+
+    # -- views -----------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def weight(self) -> Tensor:
+        """The trainable tensor (the one the optimizer holds)."""
+
+    @property
+    @abstractmethod
+    def forward_mask(self) -> Tensor:
+        """A, bool, of ``weight``'s shape."""
+
+    @property
+    @abstractmethod
+    def grad_mask(self) -> Tensor:
+        """B ⊇ A, bool, of ``weight``'s shape."""
+
+    @abstractmethod
+    def dense_masks(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as dense bool tensors of the parameter's shape (inspection, export)."""
+
+    # -- unit space --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def units(self) -> tuple[Tensor, Tensor]:
+        """(units of B, sorted int64; bool per unit: whether it is in A)."""
+
+    @abstractmethod
+    def unit_scores(self) -> Tensor:
+        """Block importance of theta at each unit of ``units()`` (same order), float."""
+
+    @abstractmethod
+    def grid_scores(self) -> Tensor:
+        """Block importance of theta at every unit of the grid (shape ``block_shape``); needs
+        theta of the whole tensor (Top-KAST's reservoir)."""
+
+    @abstractmethod
+    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
+        """Make B = ``units`` (sorted) and A = ``units[in_a]``; set theta to 0 at ``zeroed``."""
+
+    @abstractmethod
+    def write(self, units: Tensor, values: Tensor) -> None:
+        """Set theta at ``units`` (a subset of B) to ``values``: b*b per unit, row-major."""
+
+    # -- bookkeeping with defaults ---------------------------------------------------------------
+
+    def carry_state(self, optimizer: torch.optim.Optimizer, change: TopologyChange) -> None:
+        """Optimizer state after ``change``: zero outside B and for entries that entered B."""
+        zero_state(optimizer, self.weight, ~self.grad_mask | change.entered)
+
+    def mark_forward(self, mask: Tensor) -> None:
+        """``mask |= A`` in place, for a dense bool ``mask`` of the parameter's shape."""
+        units, in_a = self.units()
+        write_units(mask, units[in_a], self.tensor.block, True)
+
+    def counts(self) -> tuple[int, int]:
+        """(entries in A, entries in B), recounted only when the sets changed."""
+        key = TensorsKey(self._set_tensors())
+        if self._counts is None or self._counts[0] != key:
+            self._counts = (key, self._count())
+        return self._counts[1]
+
+    _counts: tuple[TensorsKey, tuple[int, int]] | None = None
+
+    def _count(self) -> tuple[int, int]:
+        units, in_a = self.units()
+        unit = self.tensor.block**2
+        return int(torch.count_nonzero(in_a)) * unit, units.numel() * unit
+
+    def _set_tensors(self) -> tuple[Tensor, ...]:
+        """The tensors that hold A and B (their versions key the cached counts)."""
+        return (self.forward_mask, self.grad_mask)
+
+
+class DenseStorage(UnitStorage):
+    """:class:`UnitStorage` over a dense theta and dense bool masks.
+
+    The masked backend subclasses it to read its buffers on every access; built with tensors it
+    serves them as they are (tests, the sparse backend's initial dense view).
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        forward_mask: Tensor | None = None,
+        grad_mask: Tensor | None = None,
+    ) -> None:
+        self._weight, self._forward, self._grad = weight, forward_mask, grad_mask
+
+    @property
+    def weight(self) -> Tensor:
+        assert self._weight is not None
+        return self._weight
+
+    @property
+    def forward_mask(self) -> Tensor:
+        assert self._forward is not None
+        return self._forward
+
+    @property
+    def grad_mask(self) -> Tensor:
+        assert self._grad is not None
+        return self._grad
+
+    def dense_masks(self) -> tuple[Tensor, Tensor]:
+        return self.forward_mask, self.grad_mask
+
+    def units(self) -> tuple[Tensor, Tensor]:
+        t = self.tensor
+        units = torch.nonzero(t.collapse(self.grad_mask).reshape(-1)).squeeze(1)
+        return units, t.collapse(self.forward_mask).reshape(-1)[units]
+
+    def unit_scores(self) -> Tensor:
+        t = self.tensor
+        tiles = gather_units(self.weight.detach(), self.units()[0], t.block)
+        return tile_norms(tiles, t.block_norm)
+
+    def grid_scores(self) -> Tensor:
+        return self.tensor.scores()
+
+    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
+        t = self.tensor
+        grad = torch.zeros(t.num_blocks, dtype=torch.bool, device=self.grad_mask.device)
+        grad[units] = True
+        forward = torch.zeros_like(grad)
+        forward[units[in_a]] = True
+        if zeroed is not None and zeroed.numel():
+            with torch.no_grad():
+                write_units(self.weight, zeroed, t.block, 0.0)
+        forward_mask = t.expand(forward.view(t.block_shape))
+        grad_mask = t.expand(grad.view(t.block_shape))
+        return TopologyChange(set_masks(t, forward_mask, grad_mask))
+
+    def write(self, units: Tensor, values: Tensor) -> None:
+        t = self.tensor
+        tiles = values.to(self.weight).reshape(-1, t.block, t.block)
+        with torch.no_grad():
+            write_units(self.weight, units, t.block, tiles)
+
+    def mark_forward(self, mask: Tensor) -> None:
+        mask.logical_or_(self.forward_mask.to(mask.device))
+
+    def _count(self) -> tuple[int, int]:
+        a, b = self.forward_mask, self.grad_mask
+        return int(torch.count_nonzero(a)), int(torch.count_nonzero(b))
+
+
+def set_masks(tensor: SparseTensor, forward: Tensor, grad: Tensor) -> Tensor:
+    """Write new dense A and B in place (dense storage); return the entries that entered B."""
+    entered = grad & ~tensor.grad_mask
+    tensor.forward_mask.copy_(forward)
+    tensor.grad_mask.copy_(grad)
+    return entered
+
+
+@dataclass(eq=False)
+class SparseTensor:
+    """One sparse parameter as a method sees it.
+
+    Selection happens on the *block grid*: with ``block == 1`` that is the tensor itself; with
+    ``block == b`` it is the (rows / b, cols / b) grid of b x b tiles of the tensor's matrix view
+    (out, in * kh * kw). Counts are in blocks; masks are stored per element (or per slot).
+
+    Attributes:
+        name: Full parameter name in the user's model (e.g. ``"blocks.0.mlp.fc.weight"``).
+        shape: The dense shape of the parameter.
+        density: Target forward density D of this tensor (fraction of entries in A).
+        backward_density: Target density of B (>= ``density``).
+        storage: The backend's storage of this tensor (views and mask updates).
+        block: Block edge length (1 = unstructured).
+        block_norm: Block importance: ``"l1"``, ``"l2"`` or ``"linf"`` (dynsparse-bert eq. 1).
+        module: The layer that computes with the weight (RigL's capture, the FLOP ledger).
+        op: What that layer computes with it: ``"linear"`` (y = x W^T, incl. a sparse backend's
+            layer) or ``"conv1d"``/``"conv2d"``/``"conv3d"``; ``None`` for anything else.
+        gradient_rows: Where the dense weight gradient comes from, one chunk of rows at a time
+            (set by :class:`~alwayssparse.Sparsity` for methods that rank by it; else ``None``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    density: float
+    backward_density: float
+    storage: UnitStorage
+    block: int = 1
+    block_norm: str = "l1"
+    module: nn.Module | None = None
+    op: str | None = None
+    gradient_rows: GradientRows | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(self.shape)
+        self.storage.bind(self)
+
+    @classmethod
+    def dense(
+        cls, name: str, weight: Tensor, forward_mask: Tensor, grad_mask: Tensor, **kwargs: object
+    ) -> SparseTensor:
+        """A tensor over plain dense tensors (``density`` defaults to A's fraction)."""
+        fraction = int(torch.count_nonzero(forward_mask)) / forward_mask.numel()
+        options = {"density": fraction, "backward_density": fraction, **kwargs}
+        storage = DenseStorage(weight, forward_mask, grad_mask)
+        return cls(name=name, shape=tuple(weight.shape), storage=storage, **options)  # type: ignore[arg-type]
+
+    # -- views (always the backend's current tensors) ----------------------------------------------
+
+    @property
+    def weight(self) -> Tensor:
+        """The trainable tensor: dense theta, or a compact backend's stored values."""
+        return self.storage.weight
+
+    @property
+    def forward_mask(self) -> Tensor:
+        """A, bool, of ``weight``'s shape."""
+        return self.storage.forward_mask
+
+    @property
+    def grad_mask(self) -> Tensor:
+        """B, bool, of ``weight``'s shape."""
+        return self.storage.grad_mask
+
+    # -- block geometry ----------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of selectable units (entries, or b x b tiles)."""
+        return math.prod(self.shape) // (self.block * self.block)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of the block grid."""
+        if self.block == 1:
+            return self.shape
+        rows = self.shape[0]
+        return (rows // self.block, math.prod(self.shape) // rows // self.block)
+
+    @property
+    def forward_count(self) -> int:
+        """Number of blocks A holds at the target density."""
+        return count_for_density(self.num_blocks, self.density)
+
+    @property
+    def backward_count(self) -> int:
+        """Number of blocks B holds at the target backward density."""
+        backward = count_for_density(self.num_blocks, self.backward_density)
+        return max(self.forward_count, backward)
+
+    def scores(self, values: Tensor | None = None) -> Tensor:
+        """Block importance of ``values`` (default theta): the magnitude score on the grid."""
+        return block_norms(self.weight if values is None else values, self.block, self.block_norm)
+
+    def expand(self, block_mask: Tensor) -> Tensor:
+        """Element mask (the parameter's shape) of a block-grid mask."""
+        return expand_blocks(block_mask, self.block, self.shape)
+
+    def collapse(self, mask: Tensor) -> Tensor:
+        """Block-grid mask of an element mask."""
+        return collapse_blocks(mask, self.block)
+
+    def dense_gradient_rows(self, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
+        """Consecutive rows of dL/dW of the last step as (first row, rows), never all at once."""
+        if self.gradient_rows is None:
+            raise RuntimeError(
+                f"{self.name}: no dense-gradient capture; methods that rank by the dense "
+                "gradient set uses_dense_gradient = True"
+            )
+        return self.gradient_rows(self.name, rows_per_chunk)
