@@ -63,7 +63,9 @@ not yet measured: no GPU was available when they were written): dense x sparse `
 like a K loop); SDDMM ``BLOCK_N`` 128 (64 for b = 64) with 2 warps for b = 16, 4 otherwise.
 ``BLOCK_M``/``BLOCK_N`` shrink to the next power of two >= N (minimum 16) for short inputs.
 fp32 inputs use ``input_precision="ieee"`` unless ``torch.set_float32_matmul_precision`` allows
-TF32 (then ``"tf32"``), like ``torch.matmul``.
+TF32 (then ``"tf32"``), like ``torch.matmul``. ``benchmarks/triton_bsr_compile.py`` compiles every
+variant for sm_90 without a GPU: bf16/fp16 run on ``wgmma`` (``mma`` for the SDDMM with b <= 32),
+and every block loop is software-pipelined (asynchronous copies to shared memory).
 
 Triton is optional: this module imports without it and raises an ``ImportError`` naming the fix
 when a kernel is called. Kernels take CUDA tensors. With ``TRITON_INTERPRET=1`` set when the
