@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from alwayssparse import Sparsity
+from alwayssparse.backends import BACKENDS
 from alwayssparse.layout import erk_densities
 from alwayssparse.masks import count_for_density
+from alwayssparse.methods import METHODS
 
 CONFIG: dict[str, Any] = {
     "method": "topkast",
@@ -228,3 +230,67 @@ def test_attach_twice_raises() -> None:
     Sparsity(model, **CONFIG)
     with pytest.raises(ValueError, match="already parametrized"):
         Sparsity(model, **CONFIG)
+
+
+def _snapshot(model: nn.Module) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+    modules = [id(m) for m in model.modules()]
+    params = [id(p) for p in model.parameters()]
+    return modules, params, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, before: tuple) -> None:
+    modules, params, state = _snapshot(model)
+    assert modules == before[0] and params == before[1]
+    assert state.keys() == before[2].keys()
+    assert all(torch.equal(state[k], before[2][k]) for k in state)
+
+
+def _depthwise_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Unflatten(1, (8, 1, 1)),
+                         nn.Conv2d(8, 8, 1, groups=8), nn.Flatten(), nn.Linear(8, 8))  # fmt: skip
+
+
+def test_failed_construction_names_the_cause_and_changes_nothing() -> None:
+    """A depthwise conv under RigL fails after the other layers were attached: the message names
+    groups=8 (not ParametrizedConv2d) and the model is as it was, so a retry works."""
+    model = _depthwise_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"3\.weight: .*not Conv2d with groups=8"):
+        Sparsity(model, method="rigl", total_steps=10, dense_first_last=False)
+    _assert_unchanged(model, before)
+    Sparsity(model, method="rigl", total_steps=10, dense_first_last=False,
+             dense_patterns=["3.*"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b, cls in BACKENDS.items() if cls.devices is None or "cpu" in cls.devices]
+)
+def test_construction_is_all_or_nothing_on_every_backend(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error after the backend attached and the method wrote into the weights."""
+
+    def failing_init(self: Any, tensors: Any, generator: Any) -> None:
+        for t in tensors:
+            with torch.no_grad():
+                t.weight.mul_(0.0)
+        raise RuntimeError("init failed")
+
+    monkeypatch.setattr(METHODS["static"], "init_masks", failing_init)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 16))
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match="init failed"):
+        Sparsity(model, method="static", backend=backend, block_size=4, dense_first_last=False)
+    _assert_unchanged(model, before)
+
+
+def test_swapped_step_arguments_are_named() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    sp = Sparsity(model, method="static", sparsity=0.5, dense_first_last=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="arguments are swapped"):
+        sp.step(optimizer, 0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="step must be an int"):
+        sp.step(1.5, optimizer)  # type: ignore[arg-type]

@@ -17,9 +17,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from alwayssparse.backends import Backend, TensorSpec, layer_op, register_backend
+from alwayssparse.backends.base import (
+    Backend,
+    TensorSpec,
+    layer_op,
+    register_backend,
+    register_parametrization,
+    remove_parametrization,
+)
 from alwayssparse.optim_state import zero_state
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
 
@@ -76,7 +82,7 @@ class WhereBackend(Backend):
         for spec in specs:
             module = model.get_submodule(spec.info.module_name)
             where = _Where(getattr(module, spec.info.attr))
-            parametrize.register_parametrization(module, spec.info.attr, where, unsafe=True)
+            register_parametrization(module, spec.info.attr, where)
             self._attached.append((module, spec.info.attr))
             plist = module.parametrizations[spec.info.attr]  # type: ignore[index]
             tensors.append(SparseTensor(
@@ -100,6 +106,12 @@ class WhereBackend(Backend):
             t.storage.where.kept = t.weight.detach().clone()  # type: ignore[attr-defined]
 
     def export(self, model: nn.Module) -> None:
-        for module, attr in self._attached:
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self._remove(leave_parametrized=True)
+
+    def detach(self, model: nn.Module) -> None:
+        self._remove(leave_parametrized=False)
+
+    def _remove(self, leave_parametrized: bool) -> None:
+        for module, attr in reversed(self._attached):
+            remove_parametrization(module, attr, leave_parametrized)
         self._attached.clear()

@@ -110,9 +110,14 @@ def _check_supported(name: str, module: nn.Module, op: str | None) -> None:
         return
     if op is not None and _conv_weight_grad(module) is not None and module.groups == 1:
         return
+    kind = type(module)
+    if kind.__name__.startswith("Parametrized"):  # torch.nn.utils.parametrize's subclass
+        kind = kind.__bases__[0]
+    groups = getattr(module, "groups", 1)
+    what = f"{kind.__name__} with groups={groups}" if groups != 1 else kind.__name__
     raise ValueError(
         f"{name}: dense-gradient methods (rigl) support nn.Linear and nn.Conv1d/2d/3d with "
-        f"groups=1, not {type(module).__name__}; keep it dense with layout.dense_patterns"
+        f"groups=1, not {what}; keep it dense with layout.dense_patterns"
     )
 
 

@@ -182,13 +182,20 @@ class Sparsity:
                 "use selection='layer' or backend 'masked'"
             )
         self._model = model
-        self.tensors = self._backend.attach(
-            model, specs, block=config.block_size, block_norm=config.block_norm,
-            reservoir=self.method.keeps_reservoir,
-        )  # fmt: skip
-        self._capture = self._make_capture()
-        self.method.init_masks(self.tensors, self.generator)
-        self._backend.finish_init(self.tensors)
+        self._capture: GradientCapture | None = None
+        # All or nothing: on any error the model is left exactly as it was.
+        originals = {s.info.name: model.get_parameter(s.info.name).detach().clone() for s in specs}
+        try:
+            self.tensors = self._backend.attach(
+                model, specs, block=config.block_size, block_norm=config.block_norm,
+                reservoir=self.method.keeps_reservoir,
+            )  # fmt: skip
+            self._capture = self._make_capture()
+            self.method.init_masks(self.tensors, self.generator)
+            self._backend.finish_init(self.tensors)
+        except BaseException:
+            self._roll_back(originals)
+            raise
         # Positions ever in A: the explored degrees of freedom (dynsparse-bert.md Fig. 5/11).
         self.ever_active = {t.name: t.storage.dense_masks()[0].clone() for t in self.tensors}
         self._backend.after_update(self.tensors)
@@ -210,6 +217,15 @@ class Sparsity:
                 d, b = forward[info.name], max(forward[info.name], backward[info.name])
                 specs.append(TensorSpec(info, d, b, max(b, capacity[info.name])))
         return specs
+
+    def _roll_back(self, originals: dict[str, Tensor]) -> None:
+        """Undo a half-done ``__init__``: hooks, the backend's changes, the initial values."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._backend.detach(self._model)
+        with torch.no_grad():
+            for name, value in originals.items():
+                self._model.get_parameter(name).copy_(value)
 
     def _make_capture(self) -> GradientCapture | None:
         """The dense-gradient capture of a method that ranks by it (RigL), handed to each

@@ -34,6 +34,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from alwayssparse.layout import ParamInfo
 from alwayssparse.sparse_tensor import SparseTensor
@@ -114,6 +115,11 @@ class Backend(ABC):
     def export(self, model: nn.Module) -> None:
         """Remove the machinery: plain layers with weight = theta on A, zero elsewhere."""
 
+    @abstractmethod
+    def detach(self, model: nn.Module) -> None:
+        """Undo :meth:`attach` exactly: the model's own modules and parameters, as they were
+        (used when ``Sparsity(...)`` fails half-way, so that it is all or nothing)."""
+
 
 def layer_op(module: nn.Module) -> str | None:
     """What a layer computes with its weight: ``"linear"``, ``"conv1d/2d/3d"`` or ``None``."""
@@ -121,6 +127,28 @@ def layer_op(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
     return next((op for cls, op in _CONV_OPS.items() if isinstance(module, cls)), None)
+
+
+def register_parametrization(module: nn.Module, attr: str, parametrization: nn.Module) -> None:
+    """``parametrize.register_parametrization`` (unsafe), remembering the module's parameter
+    order so that :func:`remove_parametrization` can put it back."""
+    if not hasattr(module, _ORDER):
+        object.__setattr__(module, _ORDER, [*module._parameters])
+    parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
+
+
+def remove_parametrization(module: nn.Module, attr: str, leave_parametrized: bool) -> None:
+    """Remove the parametrization of ``module.attr``; the parameter takes back its place in the
+    module's registration order (``parameters()`` and ``state_dict()`` order as before)."""
+    parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
+    order = module.__dict__.get(_ORDER, [])
+    params = module._parameters
+    module._parameters = type(params)((k, params[k]) for k in [*order, *params] if k in params)
+    if not parametrize.is_parametrized(module):
+        module.__dict__.pop(_ORDER, None)
+
+
+_ORDER = "_alwayssparse_parameter_order"
 
 
 def require_held(tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer) -> None:

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from alwayssparse.backends.base import Backend, TensorSpec, layer_op, register_backend
+from alwayssparse.backends.base import (
+    Backend,
+    TensorSpec,
+    layer_op,
+    register_backend,
+    register_parametrization,
+    remove_parametrization,
+)
 from alwayssparse.optim_state import zero_state
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
 
@@ -145,7 +152,7 @@ class MaskedBackend(Backend):
         info = spec.info
         module = model.get_submodule(info.module_name)
         masked = MaskedWeight(getattr(module, info.attr))
-        parametrize.register_parametrization(module, info.attr, masked, unsafe=True)
+        register_parametrization(module, info.attr, masked)
         plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
         plist.register_load_state_dict_post_hook(_resnapshot_after_load)
         self._attached.append((module, info.attr))
@@ -171,8 +178,15 @@ class MaskedBackend(Backend):
 
     def export(self, model: nn.Module) -> None:
         """Remove the parametrizations, leaving plain parameters holding alpha = theta * A."""
-        for module, attr in self._attached:
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self._remove(leave_parametrized=True)
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove the parametrizations, putting back the original parameter objects."""
+        self._remove(leave_parametrized=False)
+
+    def _remove(self, leave_parametrized: bool) -> None:
+        for module, attr in reversed(self._attached):
+            remove_parametrization(module, attr, leave_parametrized)
         self._attached.clear()
 
 

@@ -437,6 +437,7 @@ class SparseBackend(Backend):
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, SparseLinear]] = []
+        self._originals: list[nn.Linear] = []
 
     def attach(
         self,
@@ -471,6 +472,7 @@ class SparseBackend(Backend):
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer)
         self._swapped.append((parent, attr, layer))
+        self._originals.append(linear)
         weight = linear.weight.detach().clone()
         full = torch.ones_like(weight, dtype=torch.bool)
         storage = CompactStorage(layer, DenseStorage(weight, full, full.clone()))
@@ -506,6 +508,14 @@ class SparseBackend(Backend):
                 linear.bias = layer.bias
             setattr(parent, attr, linear)
         self._swapped.clear()
+        self._originals.clear()
+
+    def detach(self, model: nn.Module) -> None:
+        """Put the original ``nn.Linear`` objects back (their weights were never changed)."""
+        for (parent, attr, _), linear in zip(self._swapped, self._originals, strict=True):
+            setattr(parent, attr, linear)
+        self._swapped.clear()
+        self._originals.clear()
 
 
 def _check_supported(model: nn.Module, info: ParamInfo) -> None:
