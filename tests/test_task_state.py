@@ -146,3 +146,9 @@ def test_bert_resume_draws_the_same_batches(bert_corpus: Path, tmp_path: Path) -
         got = resumed.train_batch(resumed_generator).batch
         for name in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels"):
             assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_bert_state_must_hold_tokenizer_text(bert_corpus: Path) -> None:
+    task = BertTask(_bert_config(bert_corpus), 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="bert task state: 'tokenizer'"):
+        task.load_state_dict({"tokenizer": 3})
