@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+import alwayssparse
 from alwayssparse.data.bert import (
     IGNORE_INDEX,
     BertPretrainingData,
@@ -99,6 +104,63 @@ def test_tokenizer_round_trip_and_save_load(tmp_path: Path) -> None:
     pair = ("The dog sleeps.", "Children sing!")
     assert loaded.encode(*pair).ids == tokenizer.encode(*pair).ids
     assert loaded.encode(*pair).type_ids == tokenizer.encode(*pair).type_ids
+
+
+_TRAIN_IN_SUBPROCESS = """
+import sys
+from alwayssparse.data.bert import train_wordpiece
+tokenizer = train_wordpiece([sys.argv[1]], vocab_size=int(sys.argv[2]))
+sys.stdout.write(tokenizer.to_str())
+"""
+
+
+def _letters_corpus(path: Path, seed: int = 0) -> Path:
+    """Made-up words over 26 letters: many continuation pieces and many tied merge counts."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    docs = [" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(30)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def _train_in_fresh_processes(corpus: Path, vocab_size: int, runs: int) -> list[str]:
+    """``train_wordpiece`` in ``runs`` separate interpreters (fresh hash seeds), in parallel."""
+    src = str(Path(alwayssparse.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", _TRAIN_IN_SUBPROCESS, str(corpus), str(vocab_size)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(runs)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    return [out for out, _ in outputs]
+
+
+def test_wordpiece_vocabulary_is_the_same_in_every_process(tmp_path: Path) -> None:
+    corpus = _letters_corpus(tmp_path / "letters.txt")
+    texts = _train_in_fresh_processes(corpus, vocab_size=300, runs=3)
+    vocabs = [json.loads(t)["model"]["vocab"] for t in texts]
+    assert len(vocabs[0]) == 300
+    for other in vocabs[1:]:
+        differ = sorted(
+            k for k in vocabs[0].keys() | other.keys() if vocabs[0].get(k) != other.get(k)
+        )
+        assert not differ, f"{len(differ)} tokens differ between processes, e.g. {differ[:5]}"
+    assert texts[1:] == texts[:-1]  # the whole tokenizer JSON, not just the vocabulary
+    in_process = train_wordpiece([corpus], vocab_size=300).to_str()
+    assert json.loads(in_process) == json.loads(texts[0])
+
+
+def test_wordpiece_keeps_only_the_bert_special_tokens(tmp_path: Path) -> None:
+    tokenizer = train_wordpiece([_letters_corpus(tmp_path / "letters.txt")], vocab_size=300)
+    added = json.loads(tokenizer.to_str())["added_tokens"]
+    assert [t["content"] for t in added] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert all(t["special"] for t in added)
+    # "##a" in the text is punctuation plus a letter, not the continuation piece "##a".
+    assert tokenizer.encode("x ##a", add_special_tokens=False).tokens[-1] == "a"
 
 
 def test_tokenizer_errors(tmp_path: Path) -> None:

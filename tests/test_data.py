@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import struct
 import zipfile
 from pathlib import Path
 
@@ -98,6 +100,53 @@ def test_load_enwik8_zip_wrong_members(tmp_path: Path) -> None:
         archive.writestr("b.txt", b"y" * 600)
     with pytest.raises(ValueError, match=r"a\.txt.*b\.txt"):
         load_enwik8(path, SMALL_SPLIT)
+
+
+def _enwik8_zip(compression: int = zipfile.ZIP_DEFLATED) -> tuple[bytes, bytes, int]:
+    """A small enwik8 zip: (archive bytes, member bytes, offset of the member's data)."""
+    raw = bytes(torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(0)).tolist())
+    path_like = io.BytesIO()
+    with zipfile.ZipFile(path_like, "w", compression=compression) as archive:
+        archive.writestr("enwik8", raw)
+    data = path_like.getvalue()
+    name_len, extra_len = struct.unpack("<HH", data[26:30])  # local file header fields
+    return data, raw, 30 + name_len + extra_len
+
+
+TINY_SPLIT = (20, 5, 5)  # small enough that the old code "loaded" a damaged zip's own bytes
+
+
+@pytest.mark.parametrize("keep", [4, 30, 100, 0.5, 0.9, -22, -1])
+def test_load_enwik8_truncated_zip_is_refused(tmp_path: Path, keep: float) -> None:
+    data, _, _ = _enwik8_zip()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    path = tmp_path / "enwik8.zip"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match=r"enwik8\.zip: damaged or truncated zip") as info:
+        load_enwik8(path, TINY_SPLIT)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.99])
+def test_load_enwik8_corrupted_zip_data_is_refused(
+    tmp_path: Path, compression: int, where: float
+) -> None:
+    data, _, start = _enwik8_zip(compression)
+    end = len(data) - 22 - (46 + len("enwik8"))  # before the central directory and end record
+    damaged = bytearray(data)
+    damaged[start + int((end - start) * where)] ^= 0x5A
+    path = tmp_path / "enwik8.zip"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"damaged or truncated zip.*(CRC|error|Error)"):
+        load_enwik8(path, TINY_SPLIT)
+
+
+def test_load_enwik8_intact_zip_of_the_helper_loads(tmp_path: Path) -> None:
+    data, raw, _ = _enwik8_zip()
+    path = tmp_path / "enwik8.zip"
+    path.write_bytes(data)
+    assert _as_bytes(load_enwik8(path, TINY_SPLIT).train) == raw[:20]
 
 
 def test_load_enwik8_missing(tmp_path: Path) -> None:

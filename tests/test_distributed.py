@@ -127,8 +127,7 @@ def _xl(corpus: Path) -> RunConfig:
 
 
 def _bert(documents: Path) -> RunConfig:
-    """Tiny BERT with a vocabulary saved once: WordPiece training is not deterministic across
-    processes, so the 1-process reference must read the same vocabulary file."""
+    """Tiny BERT with a vocabulary saved once, which the 1-process reference reads too."""
     tokenizer = documents.with_suffix(".tokenizer.json")
     if not tokenizer.exists():
         train_wordpiece([documents], vocab_size=200, path=tokenizer)
@@ -564,7 +563,9 @@ def test_bert_checkpoint_carries_its_vocabulary(tmp_path: Path) -> None:
     config = _bert(documents).bert
     task = BertTask(config, 8, torch.device("cpu"))
     config.tokenizer = str(tmp_path / "other.json")
-    train_wordpiece([documents], vocab_size=150, path=config.tokenizer)
+    # Smaller than the corpus's full vocabulary (100): WordPiece is deterministic, so the
+    # other vocabulary must differ by construction.
+    train_wordpiece([documents], vocab_size=80, path=config.tokenizer)
     other = BertTask(config, 8, torch.device("cpu"), rank=1, world_size=2)
     assert other.tokenizer.get_vocab() != task.tokenizer.get_vocab()
     other.load_state_dict(task.state_dict())

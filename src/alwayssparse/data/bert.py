@@ -99,6 +99,56 @@ _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)\]]))\s+")
 # --------------------------------------------------------------------------------------------
 
 
+def _bert_pipeline(lowercase: bool, vocab: dict[str, int] | None = None) -> Tokenizer:
+    """A WordPiece tokenizer with BERT's normaliser, pre-tokeniser and decoder.
+
+    Args:
+        lowercase: Lowercase and strip accents.
+        vocab: Token -> id of a trained model; None: an empty model to train.
+    """
+    model = (
+        models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+        if vocab is not None
+        else models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##")
+    )
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def _trained_vocab(
+    paths: Sequence[Path],
+    vocab_size: int,
+    lowercase: bool,
+    min_frequency: int,
+    pinned: Sequence[str],
+) -> dict[str, int]:
+    """Runs the ``tokenizers`` WordPiece trainer; returns the model's token -> id.
+
+    ``pinned`` tokens are passed as the trainer's special tokens: they get ids ``0, 1, ...`` in
+    the given order, before the alphabet and the merges.
+    """
+    tokenizer = _bert_pipeline(lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(pinned),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train([str(p) for p in paths], trainer)
+    return tokenizer.get_vocab(with_added_tokens=False)
+
+
+def _continuation_characters(vocab: dict[str, int]) -> list[str]:
+    """The single-character continuation pieces (``##c``) of ``vocab``, sorted."""
+    return sorted(t for t in vocab if len(t) == 3 and t.startswith("##"))
+
+
 def train_wordpiece(
     files: Sequence[StrPath],
     vocab_size: int,
@@ -106,13 +156,22 @@ def train_wordpiece(
     lowercase: bool = True,
     min_frequency: int = 2,
 ) -> Tokenizer:
-    """Trains a BERT WordPiece tokenizer on local text files.
+    """Trains a BERT WordPiece tokenizer on local text files, the same in every process.
 
     The pipeline is that of the original BERT (Devlin et al., 2018, section 3): the BERT
     normaliser (clean control characters, split CJK characters, lowercase and strip accents
     when ``lowercase``), the BERT pre-tokeniser (whitespace and punctuation), a WordPiece model
     with ``##`` continuation prefix and ``[UNK]``, and a post-processor that wraps single
     sequences as ``[CLS] A [SEP]`` and pairs as ``[CLS] A [SEP] B [SEP]`` with segment ids 0/1.
+
+    **Determinism.** The ``tokenizers`` trainer numbers the single-character continuation
+    pieces (``##c``) in the iteration order of a randomly seeded hash map, and breaks ties
+    between equally frequent merges by those numbers; two processes therefore learn different
+    vocabularies from the same files (different ids, and different tokens at the size limit).
+    Here a first pass without merges collects those pieces, and the real pass pins them, sorted,
+    right after the special tokens, so that nothing depends on hash order: the same files and
+    arguments give the same vocabulary (ids included) in every process. This reads the files
+    twice.
 
     Args:
         files: Text files to learn the vocabulary from.
@@ -132,22 +191,15 @@ def train_wordpiece(
     paths = _existing_files(files)
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS)}, got {vocab_size}")
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train([str(p) for p in paths], trainer)
-    if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
+    # Pass 1, no merges: the special tokens, the alphabet and its continuation pieces.
+    alphabet = _trained_vocab(paths, len(SPECIAL_TOKENS) + 1, lowercase, min_frequency,
+                              SPECIAL_TOKENS)  # fmt: skip
+    if len(alphabet) <= len(SPECIAL_TOKENS):
         raise ValueError(f"no text to train a tokenizer on in {[str(p) for p in paths]}")
+    pinned = [*SPECIAL_TOKENS, *_continuation_characters(alphabet)]
+    vocab = _trained_vocab(paths, vocab_size, lowercase, min_frequency, pinned)
+    tokenizer = _bert_pipeline(lowercase, vocab)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -16,10 +16,13 @@ are supported:
 
 from __future__ import annotations
 
+import io
+import lzma
 import math
 import os
 import sysconfig
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,24 +172,76 @@ def _split_by_fractions(data: Tensor, valid_fraction: float, test_fraction: floa
 # --------------------------------------------------------------------------- enwik8
 
 
-def _read_zip_member(path: Path) -> bytes:
-    """Reads the enwik8 member of a zip archive.
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+"""Signatures a zip archive starts with: a local file header, an empty archive's end record,
+or a split archive's marker."""
+
+# What zipfile and its decompressors raise on a damaged archive: a missing or mangled central
+# directory or header (BadZipFile, negative seeks as ValueError, flags as NotImplementedError or
+# RuntimeError "encrypted"), corrupted compressed data (zlib.error, lzma.LZMAError, OSError from
+# bz2, EOFError for a stream cut short) or a bad CRC (BadZipFile).
+_DAMAGED_ZIP_ERRORS: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+def _is_zip(raw: bytes) -> bool:
+    """Whether ``raw`` is a zip archive, judged by content: a zip signature at offset 0 (also
+    when the archive is truncated and has no central directory), or an end-of-central-directory
+    record (e.g. an archive with a prefix)."""
+    return raw[:4] in _ZIP_SIGNATURES or zipfile.is_zipfile(io.BytesIO(raw))
+
+
+def _zip_member_name(archive: zipfile.ZipFile, path: Path) -> str:
+    """The enwik8 member: the one named ``enwik8``, or the only file member."""
+    members = [info.filename for info in archive.infolist() if not info.is_dir()]
+    if "enwik8" in members:
+        return "enwik8"
+    if len(members) == 1:
+        return members[0]
+    raise ValueError(
+        f"{path}: expected a zip with a single member or one named 'enwik8', "
+        f"found members {members}"
+    )
+
+
+def _read_zip_member(path: Path, raw: bytes) -> bytes:
+    """Reads the enwik8 member of the zip archive ``raw`` (the content of ``path``).
 
     The official ``enwik8.zip`` holds a single member named ``enwik8``; any archive with a
-    member of that name, or with exactly one file member, is accepted.
+    member of that name, or with exactly one file member, is accepted. The member's CRC-32 is
+    checked.
+
+    Raises:
+        ValueError: If the archive has an unexpected set of members, or is damaged or
+            truncated (a partial download): the message names ``path``.
     """
-    with zipfile.ZipFile(path) as archive:
-        members = [info.filename for info in archive.infolist() if not info.is_dir()]
-        if "enwik8" in members:
-            name = "enwik8"
-        elif len(members) == 1:
-            name = members[0]
-        else:
-            raise ValueError(
-                f"{path}: expected a zip with a single member or one named 'enwik8', "
-                f"found members {members}"
-            )
-        return archive.read(name)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))  # reads the central directory
+    except _DAMAGED_ZIP_ERRORS as exc:
+        raise _damaged_zip(path, raw, exc) from exc
+    with archive:
+        name = _zip_member_name(archive, path)
+        try:
+            return archive.read(name)  # decompresses and checks the CRC-32
+        except _DAMAGED_ZIP_ERRORS as exc:
+            raise _damaged_zip(path, raw, exc) from exc
+
+
+def _damaged_zip(path: Path, raw: bytes, exc: Exception) -> ValueError:
+    """The error for a zip archive that cannot be read."""
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return ValueError(
+        f"{path}: damaged or truncated zip archive ({len(raw):,} bytes; {detail}); "
+        "download it again, or give the raw enwik8 file"
+    )
 
 
 def load_enwik8(
@@ -205,15 +260,18 @@ def load_enwik8(
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the zip has an unexpected set of members, a split size is
-            negative, or the data is shorter than ``sum(split_sizes)``.
+        ValueError: If the zip has an unexpected set of members or is damaged or
+            truncated (bad CRC, corrupted compressed data, missing central directory), a
+            split size is negative, or the data is shorter than ``sum(split_sizes)``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"enwik8 file not found: {path}")
     if len(split_sizes) != 3 or any(size < 0 for size in split_sizes):
         raise ValueError(f"split_sizes must be three non-negative ints, got {split_sizes!r}")
-    raw = _read_zip_member(path) if zipfile.is_zipfile(path) else path.read_bytes()
+    raw = path.read_bytes()
+    if _is_zip(raw):
+        raw = _read_zip_member(path, raw)
     needed = sum(split_sizes)
     if len(raw) < needed:
         raise ValueError(

@@ -194,12 +194,29 @@ class BertTask(Task):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        # The vocabulary: a WordPiece trained again on resume would number tokens differently.
+        """The vocabulary, as the tokenizer's JSON text.
+
+        A resumed run must number tokens as the saved model does, whatever it would train or
+        load itself (another ``bert.tokenizer`` file, another ``tokenizers`` version). The
+        data position is the state of the loop's batch generator (examples are drawn from it,
+        nothing else moves) and evaluation batches come from fixed seeds, so nothing else is
+        needed to continue identically.
+        """
         return {"tokenizer": self.tokenizer.to_str()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: re-tokenize the corpus if the vocabulary differs.
+
+        Raises:
+            ValueError: If the saved tokenizer is not JSON text.
+        """
         if "tokenizer" not in state:
             return  # a checkpoint from before the vocabulary was saved
+        if not isinstance(state["tokenizer"], str):
+            raise ValueError(
+                "bert task state: 'tokenizer' must be the tokenizer's JSON text, got "
+                f"{type(state['tokenizer']).__name__}"
+            )
         tokenizer = Tokenizer.from_str(state["tokenizer"])
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             self._use_tokenizer(tokenizer)

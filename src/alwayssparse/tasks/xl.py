@@ -15,6 +15,7 @@ the ranks in the same way and the sums all-reduced.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,11 +128,49 @@ class TransformerXLTask(Task):
         return {"bpc": nll / math.log(2), "nll": nll}
 
     def state_dict(self) -> dict[str, Any]:
-        # The data position; memories restart empty on resume (they are a cache of activations).
-        return {"position": self._position}
+        """The data position and the recurrence memories of this rank's rows (on the CPU, so
+        that the checkpoint loads on any device): a run resumed without them would attend to
+        an empty memory where the uninterrupted run had the previous segments."""
+        rows = self.local_rows
+        mems = None if self._mems is None else [m.detach().cpu().clone() for m in self._mems]
+        return {"position": self._position, "mems": mems, "mem_rows": [rows.start, rows.stop]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; memories move to the task's device.
+
+        Memories saved for other rows (another rank's checkpoint) are dropped with a warning,
+        as are none at all in a checkpoint from before they were saved: training then continues
+        from an empty memory.
+        """
+        position = int(state["position"])
+        windows = max(1, len(self._segments))
+        # position == windows: the epoch's last window was trained, the next batch starts the
+        # next epoch (with empty memory), exactly as in the uninterrupted run.
+        skip = position if position <= windows else position % windows
         self._iterator = iter(self._segments)
-        for _ in range(int(state["position"]) % max(1, len(self._segments))):
-            next(self._iterator)
-        self._position = int(state["position"])
+        for _ in range(skip):
+            next(self._iterator, None)
+        self._position = position
+        self._mems = self._loaded_mems(state)
+
+    def _loaded_mems(self, state: dict[str, Any]) -> list[Tensor] | None:
+        """The memories of ``state`` on this task's device, or None if there are none to use."""
+        rows = [self.local_rows.start, self.local_rows.stop]
+        if "mems" not in state:
+            reason = "the checkpoint predates saved memories"
+        elif state["mems"] is None:
+            return None  # saved before the first window of an epoch: empty, as it should be
+        elif list(state.get("mem_rows", [])) != rows:
+            reason = f"they were saved for rows {state.get('mem_rows')}, this rank trains {rows}"
+        else:
+            mems = state["mems"]
+            if not isinstance(mems, list | tuple) or not all(isinstance(m, Tensor) for m in mems):
+                raise ValueError("xl task state: mems must be a list of tensors or None")
+            return [m.to(self.device) for m in mems]
+        warnings.warn(
+            f"xl task state: recurrence memories not restored ({reason}); the resumed run "
+            "continues from an empty memory and differs slightly from an uninterrupted one",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
