@@ -39,6 +39,7 @@ from alwayssparse.config import from_dict, to_dict
 from alwayssparse.dynamics import MaskDynamics
 from alwayssparse.flops import FlopLedger
 from alwayssparse.methods import METHODS
+from alwayssparse.metrics import TensorBoardLogger
 from alwayssparse.models import TransformerLMConfig, bert_config
 from alwayssparse.models.resnet import ResNetConfig
 from alwayssparse.models.transformer_xl import (
@@ -47,7 +48,7 @@ from alwayssparse.models.transformer_xl import (
     enwik8_tiny,
     wikitext103_large,
 )
-from alwayssparse.report import TensorBoardLogger, write_run_report
+from alwayssparse.report import write_run_report
 from alwayssparse.schedules import sparse_learning_rate
 from alwayssparse.sparsity import Sparsity, SparsityConfig
 from alwayssparse.tasks import TASKS, BertTaskConfig, ImageTaskConfig, LMConfig, Task, XLConfig
