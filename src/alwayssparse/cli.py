@@ -18,10 +18,13 @@ from pathlib import Path
 
 from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
-from alwayssparse.methods import METHODS
+from alwayssparse.methods import DENSE, METHODS
+from alwayssparse.presets import PRESETS, preset
+from alwayssparse.report import write_run_report, write_sweep_report
+from alwayssparse.runconfig import RunConfig, load_run_config
 from alwayssparse.sparsity import parse_sparsity
 from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
-from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
+from alwayssparse.train import train
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -89,8 +92,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of a run directory or of a sweep directory."""
-    from alwayssparse.report import write_run_report, write_sweep_report  # matplotlib: lazily
-
     directory = Path(args.directory)
     if (directory / SPEC_FILE).exists():
         print(write_sweep_report(directory))
@@ -109,8 +110,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name, make in sorted(PRESETS.items()):
-        print(f"{name:12s} {(make.__doc__ or '').strip()}")
+    for name, entry in sorted(PRESETS.items()):
+        print(f"{name:12s} {entry.description}")
     return 0
 
 

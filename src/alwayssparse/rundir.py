@@ -12,7 +12,7 @@ from typing import Any
 
 from alwayssparse.dynamics import DYNAMICS_FILE
 from alwayssparse.methods import DENSE
-from alwayssparse.models.bert import BERT_PRESETS
+from alwayssparse.tasks import TASKS
 
 # Settings that do not change what a run computes: runs differing only in these are seeds.
 _NOT_CONFIG = ("train.seed", "train.device", "train.threads")
@@ -63,19 +63,12 @@ def higher_is_better(metric: str) -> bool:
 
 
 def model_size(config: Mapping[str, Any]) -> str:
-    """A short model-size label from a run's ``config.json``: ``BERT-Mini`` (Turc et al.'s
-    family), ``L2/d128`` (transformers), ``resnet50`` (ResNets)."""
+    """A short model-size label from a run's ``config.json``, by the size rule of its task
+    (:meth:`~alwayssparse.tasks.Task.size_label`): ``BERT-Mini`` (Turc et al.'s family),
+    ``L2/d128`` (transformers), ``resnet50`` (ResNets); ``"?"`` for a task not registered."""
     task = config.get("task", "")
-    model = config.get(task, {}).get("model", {}) if isinstance(config.get(task), dict) else {}
-    if "hidden_size" in model and "num_layers" in model:
-        shape = (model["hidden_size"], model["num_layers"])
-        names = [name for name, preset in BERT_PRESETS.items() if preset == shape]
-        return f"BERT-{names[0].capitalize()}" if names else f"L{shape[1]}/H{shape[0]}"
-    if "n_layer" in model and "d_model" in model:
-        return f"L{model['n_layer']}/d{model['d_model']}"
-    if "arch" in model:
-        return str(model["arch"]) + (f"/w{model['width']}" if model.get("width") else "")
-    return "?"
+    section, rule = config.get(task), TASKS.get(task)
+    return rule.size_label(section) if rule is not None and isinstance(section, dict) else "?"
 
 
 def is_number(value: Any) -> bool:

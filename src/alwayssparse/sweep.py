@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from alwayssparse.config import apply_overrides, from_dict, to_dict
+from alwayssparse.methods import DENSE
+from alwayssparse.presets import PRESETS, preset
+from alwayssparse.report import write_sweep_report
+from alwayssparse.runconfig import RunConfig
 from alwayssparse.sparsity import parse_sparsity
-from alwayssparse.train import DENSE, PRESETS, RunConfig, preset, train
+from alwayssparse.train import train
 
 SPEC_FILE = "sweep.json"
 
@@ -162,8 +166,6 @@ def run_sweep(
     All runs are built and validated before the first one starts. Each run writes its own
     report; the sweep's report (table and Pareto plot) is written at the end.
     """
-    from alwayssparse.report import write_sweep_report
-
     sweep_dir = Path(sweep_dir)
     runs = spec.runs()
     saved = sweep_dir / SPEC_FILE
