@@ -59,10 +59,30 @@ def test_short_topkast_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> Non
 def test_dense_and_static_runs(tmp_path: Path) -> None:
     dense = train(_tiny(tmp_path, sparsity__method="dense"), tmp_path / "d", progress=False,
                   log=_quiet)  # fmt: skip
-    assert dense["forward_density"] == 1.0
+    # Dense is a method: a Sparsity that makes nothing sparse, no division by zero sparse entries.
+    assert dense["forward_density"] == dense["backward_density"] == dense["explored_dof"] == 1.0
+    total = dense["parameters"]["total"]
+    assert dense["parameters"] == {"total": total, "dense": total, "sparse": 0, "forward": total,
+                                   "backward": total}  # fmt: skip
+    assert "dense method" in (tmp_path / "d" / "layout.txt").read_text()
+    assert not (tmp_path / "d" / "dynamics.jsonl").exists()
     static = train(_tiny(tmp_path, sparsity__method="static"), tmp_path / "s", progress=False,
                    log=_quiet)  # fmt: skip
     assert static["forward_density"] == static["backward_density"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_dense_run_resumes_from_a_checkpoint_without_sparsity_state(tmp_path: Path) -> None:
+    # Dense runs from before dense was a method saved no sparsity state (None).
+    config = _tiny(tmp_path, sparsity__method="dense", train__steps=4, train__checkpoint_interval=4)
+    train(config, tmp_path / "d", progress=False, log=_quiet)
+    path = tmp_path / "d" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["sparsity"] = None
+    torch.save(state, path)
+    resumed = load_run_config(tmp_path / "d")
+    resumed.train.steps = 6
+    summary = train(resumed, tmp_path / "d", resume=True, progress=False, log=_quiet)
+    assert summary["steps"] == 6
 
 
 def test_resume_continues_bit_identically(tmp_path: Path) -> None:

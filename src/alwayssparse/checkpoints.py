@@ -45,7 +45,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sparsity: Sparsity | None,
+    sparsity: Sparsity,
     batch_generator: torch.Generator,
     task: Task,
     config: dict[str, Any],
@@ -58,7 +58,7 @@ def save_checkpoint(
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "sparsity": sparsity.state_dict() if sparsity is not None else None,
+        "sparsity": sparsity.state_dict(),
         "batch_generator": batch_generator.get_state(),
         "task": task.state_dict(),
         **{key: None if value is None else value.state_dict() for key, value in extras.items()},
@@ -71,20 +71,21 @@ def load_checkpoint(
     path: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sparsity: Sparsity | None,
+    sparsity: Sparsity,
     batch_generator: torch.Generator,
     task: Task,
     extras: Mapping[str, Stateful | None] | None = None,
 ) -> int:
     """Restore a checkpoint; return its step. ``extras`` are further objects with
     ``load_state_dict`` (or ``None``), restored from the entry of the same name when the
-    checkpoint has one."""
+    checkpoint has one. A dense run's checkpoint from before dense was a method has no sparsity
+    state (``None``); there is nothing to restore then."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    if sparsity is not None:
+    if state["sparsity"] is not None:
         sparsity.load_state_dict(state["sparsity"])
     batch_generator.set_state(state["batch_generator"])
     task.load_state_dict(state["task"])

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
-from alwayssparse.methods import DENSE, METHODS
+from alwayssparse.methods import METHODS
 from alwayssparse.presets import PRESETS, preset
 from alwayssparse.report import write_run_report, write_sweep_report
-from alwayssparse.runconfig import RunConfig, load_run_config
+from alwayssparse.runconfig import RunConfig, is_sparse_method, load_run_config
 from alwayssparse.sparsity import parse_sparsity
 from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
 from alwayssparse.train import train
@@ -53,7 +53,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def _default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     method = config.sparsity.method
-    tag = method if method == DENSE else f"{method}-s{config.sparsity.sparsity:g}"
+    tag = f"{method}-s{config.sparsity.sparsity:g}" if is_sparse_method(method) else method
     return Path("runs") / f"{tag}-{stamp}"
 
 
@@ -116,7 +116,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    print(f"{DENSE:10s} ordinary dense training (no sparsity)")
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {doc}")
@@ -128,7 +127,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
-    parser.add_argument("--method", help=f"one of {sorted([*METHODS, DENSE])}")
+    parser.add_argument("--method", help=f"one of {sorted(METHODS)}")
     parser.add_argument(
         "--sparsity",
         help="forward sparsity, or FORWARD/BACKWARD for Top-KAST: "

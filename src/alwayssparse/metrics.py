@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from alwayssparse import distributed
 from alwayssparse.flops import FlopLedger
+from alwayssparse.runconfig import is_sparse_method
 from alwayssparse.rundir import flatten, is_number
 from alwayssparse.sparsity import Sparsity
 from alwayssparse.tasks import Task
@@ -34,13 +35,14 @@ def evaluate(task: Task, model: nn.Module, split: str, batches: int) -> dict[str
     return {f"{split}_{key}": value for key, value in metrics.items()}
 
 
-def density_report(sparsity: Sparsity | None) -> dict[str, float]:
+def density_report(sparsity: Sparsity) -> dict[str, float]:
     """Forward and backward density actually used over the sparse tensors, and the explored
-    degrees of freedom (fraction of sparse positions ever active); all 1.0 when dense."""
-    if sparsity is None:
-        return {"forward_density": 1.0, "backward_density": 1.0, "explored_dof": 1.0}
+    degrees of freedom (fraction of sparse positions ever active); all 1.0 when nothing is
+    sparse (dense)."""
     counts = sparsity.parameter_counts()
     sparse = counts["sparse"]
+    if not sparse:
+        return {"forward_density": 1.0, "backward_density": 1.0, "explored_dof": 1.0}
     return {
         "forward_density": (counts["forward"] - counts["dense"]) / sparse,
         "backward_density": (counts["backward"] - counts["dense"]) / sparse,
@@ -72,7 +74,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"backward {summary['backward_density']:.4f} (over sparse tensors); "
         f"explored {summary['explored_dof']:.4f} of sparse positions",
     ]
-    if "forward" in params:
+    if "forward" in params and is_sparse_method(summary["method"]):
         lines.append(
             f"  parameters: {params['total']:,} total ({params['dense']:,} dense), "
             f"{params['forward']:,} used forward, {params['backward']:,} receive gradient"

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from alwayssparse.backends import SparseLinear
-from alwayssparse.methods import DENSE
-from alwayssparse.runconfig import OptimConfig, RunConfig
+from alwayssparse.runconfig import OptimConfig, RunConfig, is_sparse_method
 from alwayssparse.schedules import sparse_learning_rate
 
 
@@ -32,8 +31,9 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
 
 
 def base_learning_rate(config: RunConfig) -> float:
-    """The peak learning rate: ``optim.lr``, scaled by eq. 3 of the BERT paper if asked."""
-    if not config.optim.sparsity_lr_scaling or config.sparsity.method == DENSE:
+    """The peak learning rate: ``optim.lr``, scaled by eq. 3 of the BERT paper if asked (and the
+    method makes anything sparse)."""
+    if not config.optim.sparsity_lr_scaling or not is_sparse_method(config.sparsity.method):
         return config.optim.lr
     return sparse_learning_rate(config.optim.lr, config.sparsity.sparsity)
 

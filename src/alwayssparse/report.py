@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from alwayssparse.methods import DENSE
 from alwayssparse.pareto import SweepRow, dense_family, sweep_table
 from alwayssparse.plots import plot_pareto, plot_run
+from alwayssparse.runconfig import is_sparse_method
 from alwayssparse.rundir import collect_runs, higher_is_better, model_size, read_dynamics, read_json
 
 REPORT_FILE = "report.md"
@@ -44,7 +44,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 
 
 def _sparsity_text(config: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
-    if summary.get("method") == DENSE:
+    if not is_sparse_method(summary.get("method", "")):
         return "every weight dense"
     forward = config.get("sparsity", {}).get("sparsity")
     return (

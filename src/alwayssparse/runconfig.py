@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from alwayssparse import distributed
 from alwayssparse.config import from_dict, registry_sections
-from alwayssparse.methods import DENSE, METHODS
+from alwayssparse.methods import METHODS
 from alwayssparse.sparsity import SparsityConfig
 from alwayssparse.tasks import TASKS
 
@@ -180,13 +180,18 @@ class RunConfig:
         self.task_config().validate()
         self.optim.validate()
         self.train.validate()
-        if self.sparsity.method != DENSE:
-            if self.sparsity.method not in METHODS:
-                choices = sorted([*METHODS, DENSE])
-                raise ValueError(
-                    f"sparsity.method must be one of {choices}, got {self.sparsity.method!r}"
-                )
-            self.sparsity.validate()
+        if self.sparsity.method not in METHODS:
+            raise ValueError(
+                f"sparsity.method must be one of {sorted(METHODS)}, got {self.sparsity.method!r}"
+            )
+        self.sparsity.validate()
+
+
+def is_sparse_method(name: str) -> bool:
+    """Whether the method ``name`` makes anything sparse (``False`` for ``"dense"``), asked of
+    the method registry; a name it does not know counts as sparse (validation rejects it)."""
+    method = METHODS.get(name)
+    return method is None or method.sparse
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

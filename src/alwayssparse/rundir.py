@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alwayssparse.dynamics import DYNAMICS_FILE
-from alwayssparse.methods import DENSE
+from alwayssparse.runconfig import is_sparse_method
 from alwayssparse.tasks import TASKS
 
 # Settings that do not change what a run computes: runs differing only in these are seeds.
@@ -122,7 +122,7 @@ class RunResult:
     @property
     def dense(self) -> bool:
         """Whether the run's method made nothing sparse (the dense family of a sweep)."""
-        return self.method == DENSE
+        return not is_sparse_method(self.method)
 
 
 def read_run(run_dir: str | Path) -> RunResult:
@@ -134,7 +134,7 @@ def read_run(run_dir: str | Path) -> RunResult:
     if f"valid_{metric}" not in summary:
         raise ValueError(f"{run_dir}/summary.json lacks valid_{metric}")
     flat = {k: v for k, v in flatten(config).items() if k not in _NOT_CONFIG}
-    dense = summary["method"] == DENSE
+    dense = not is_sparse_method(summary["method"])
     return RunResult(
         path=run_dir,
         method=summary["method"],

@@ -39,7 +39,6 @@ from alwayssparse.checkpoints import load_checkpoint, save_checkpoint, write_jso
 from alwayssparse.config import to_dict
 from alwayssparse.dynamics import MaskDynamics
 from alwayssparse.flops import FlopLedger
-from alwayssparse.methods import DENSE
 from alwayssparse.metrics import (
     MetricsLog,
     TensorBoardLogger,
@@ -134,15 +133,13 @@ def _train(
     model = model.to(context.device)
 
     # Sparsity line 1 of 3: make the model sparse (the layout table says what and why).
-    sparsity = None
-    if config.sparsity.method != DENSE:
-        sparsity = Sparsity(
-            model, config.sparsity, seed=config.train.seed, total_steps=config.train.steps
-        )
-        layout = sparsity.summary()
-        if context.is_main:
-            (run_dir / "layout.txt").write_text(layout + "\n")
-        log(layout)
+    sparsity = Sparsity(
+        model, config.sparsity, seed=config.train.seed, total_steps=config.train.steps
+    )
+    layout = sparsity.summary()
+    if context.is_main:
+        (run_dir / "layout.txt").write_text(layout + "\n")
+    log(layout)
     optimizer = build_optimizer(model, config.optim)
     run = _Run(config, run_dir, context, log, task, model, sparsity, optimizer)
 
@@ -225,7 +222,7 @@ def _train_step(
     units = run.task.units(batch)
     loss = run.task.loss(train_model, batch)
     # Sparsity line 2 of 3: the method's regulariser (Top-KAST's exploration loss).
-    regularizer = run.sparsity.regularizer() if run.sparsity is not None else torch.zeros(())
+    regularizer = run.sparsity.regularizer()
     total_loss = loss + regularizer
     total_loss.backward()
     if run.config.optim.grad_clip > 0:
@@ -233,8 +230,7 @@ def _train_step(
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     # Sparsity line 3 of 3: refresh masks, keep entries outside B untouched.
-    if run.sparsity is not None:
-        run.sparsity.step(step, run.optimizer)
+    run.sparsity.step(step, run.optimizer)
     return loss, regularizer, units
 
 
@@ -272,11 +268,7 @@ def _finish(run: _Run, wall: float) -> dict[str, Any]:
         "train_seconds": wall,
         **density_report(run.sparsity),
         **flop_report(run.ledger, context.world_size),
-        "parameters": run.sparsity.parameter_counts()
-        if run.sparsity is not None
-        else {
-            "total": sum(p.numel() for p in run.model.parameters()),
-        },
+        "parameters": run.sparsity.parameter_counts(),
     }
     run.write({"kind": "final", **summary})
     if run.board is not None:
@@ -310,7 +302,7 @@ class _Run:
     log: Callable[[str], None]
     task: Task
     model: nn.Module
-    sparsity: Sparsity | None
+    sparsity: Sparsity
     optimizer: torch.optim.Optimizer
 
     def __post_init__(self) -> None:
@@ -372,9 +364,10 @@ class _Run:
                                self.batch_generator, self.task, extras=extras)  # fmt: skip
 
 
-def _mask_dynamics(loop: LoopConfig, sparsity: Sparsity | None) -> MaskDynamics | None:
-    """The mask-dynamics tracker of a sparse run (``None`` for dense runs or when off)."""
-    if sparsity is None or loop.dynamics_interval == 0:
+def _mask_dynamics(loop: LoopConfig, sparsity: Sparsity) -> MaskDynamics | None:
+    """The mask-dynamics tracker of a run whose method makes anything sparse (``None`` for
+    dense runs or when off)."""
+    if not sparsity.method.sparse or loop.dynamics_interval == 0:
         return None
     interval = loop.dynamics_interval or max(1, loop.steps // 50)
     return MaskDynamics(sparsity, interval, loop.pattern_layer)
