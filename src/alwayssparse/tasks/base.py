@@ -49,6 +49,21 @@ class Task:
         ``config.json`` (``"?"`` when the task has no rule or the section lacks what it reads)."""
         return "?"
 
+    @classmethod
+    def use_data(cls, section: Any, corpus: str, paths: list[str]) -> None:
+        """Point the task's config ``section`` at data named on the command line.
+
+        Args:
+            section: The task's config section (an instance of :attr:`config_class`).
+            corpus: ``"text"`` (``--text``: files or directories) or ``"enwik8"``
+                (``--enwik8``: one file).
+            paths: The paths given.
+
+        Raises:
+            ValueError: If the task cannot read that data; the message names what it reads.
+        """
+        raise ValueError(f"task {cls.name} does not read --{corpus} data")
+
     def __init__(
         self,
         config: Any,

@@ -122,6 +122,19 @@ class BertTask(Task):
         names = [name for name, preset in BERT_PRESETS.items() if preset == shape]
         return f"BERT-{names[0].capitalize()}" if names else f"L{shape[1]}/H{shape[0]}"
 
+    @classmethod
+    def use_data(cls, section: BertTaskConfig, corpus: str, paths: list[str]) -> None:
+        """``--text`` files (documents separated by blank lines) as ``bert.files``."""
+        if corpus != "text":
+            raise ValueError(
+                f"task bert reads text files, not --{corpus}: give them with --text FILE... "
+                "(or bert.files=[...])"
+            )
+        folders = [path for path in paths if Path(path).is_dir()]
+        if folders:
+            raise ValueError(f"task bert reads text files, not directories: {folders}")
+        section.files = list(paths)
+
     def __init__(
         self,
         config: BertTaskConfig,

@@ -86,6 +86,14 @@ class ImageTask(Task):
             return "?"
         return str(model["arch"]) + (f"/w{model['width']}" if model.get("width") else "")
 
+    @classmethod
+    def use_data(cls, section: ImageTaskConfig, corpus: str, paths: list[str]) -> None:
+        """Images are not text: refuse, naming the options that give the image directory."""
+        raise ValueError(
+            f"task image reads images, not --{corpus}: give the directory as image.path=DIR "
+            f"(with image.format= one of {list(IMAGE_FORMATS)})"
+        )
+
     def __init__(
         self,
         config: ImageTaskConfig,

@@ -50,6 +50,11 @@ class ByteLMTask(Task):
         """``L2/d128``: layers and width."""
         return transformer_size(section)
 
+    @classmethod
+    def use_data(cls, section: LMConfig, corpus: str, paths: list[str]) -> None:
+        """``--text`` files or directories, or the ``--enwik8`` file."""
+        section.data.name, section.data.paths = corpus, list(paths)
+
     def __init__(
         self,
         config: LMConfig,

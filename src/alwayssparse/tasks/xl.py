@@ -76,6 +76,11 @@ class TransformerXLTask(Task):
         """``L24/d512``: layers and width."""
         return transformer_size(section)
 
+    @classmethod
+    def use_data(cls, section: XLConfig, corpus: str, paths: list[str]) -> None:
+        """``--text`` files or directories, or the ``--enwik8`` file, as the byte corpus."""
+        section.data.name, section.data.paths = corpus, list(paths)
+
     def __init__(
         self,
         config: XLConfig,
