@@ -19,9 +19,13 @@ from pathlib import Path
 from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
 from alwayssparse.methods import METHODS
+from alwayssparse.presets import PRESETS, preset
+from alwayssparse.report import write_run_report, write_sweep_report
+from alwayssparse.runconfig import RunConfig, is_sparse_method, load_run_config
 from alwayssparse.sparsity import parse_sparsity
 from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
-from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
+from alwayssparse.tasks import TASKS
+from alwayssparse.train import train
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -30,27 +34,41 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if args.method is not None:
         config.sparsity.method = args.method
     if args.sparsity is not None:
-        forward, backward = parse_sparsity(args.sparsity)
-        config.sparsity.sparsity = forward
-        if backward is not None:
-            config.sparsity.topkast.backward_sparsity = backward
+        _set_sparsity(config, args.sparsity)
     if args.steps is not None:
         config.train.steps = args.steps
     if args.backend is not None:
         config.sparsity.backend = args.backend
+    # Data files go to the data section of the task trained; the task says what it reads.
     if args.text:
-        config.lm.data.name, config.lm.data.paths = "text", list(args.text)
+        TASKS[config.task].use_data(config.task_config(), "text", list(args.text))
     if args.enwik8:
-        config.lm.data.name, config.lm.data.paths = "enwik8", [args.enwik8]
+        TASKS[config.task].use_data(config.task_config(), "enwik8", [args.enwik8])
     apply_overrides(config, args.overrides)
     config.validate()
     return config
 
 
+def _set_sparsity(config: RunConfig, text: str) -> None:
+    """``--sparsity FORWARD`` or ``FORWARD/BACKWARD``; a backward sparsity only for a method
+    whose options have a ``backward_sparsity`` field (Top-KAST's)."""
+    forward, backward = parse_sparsity(text)
+    config.sparsity.sparsity = forward
+    if backward is None:
+        return
+    options = config.sparsity.method_options()
+    if "backward_sparsity" not in {f.name for f in dataclasses.fields(options)}:
+        raise ValueError(
+            f"--sparsity {text}: method {config.sparsity.method} has no backward sparsity "
+            "(its gradient set is its forward set); give the forward sparsity only"
+        )
+    setattr(options, "backward_sparsity", backward)  # noqa: B010 (a field of this method only)
+
+
 def _default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     method = config.sparsity.method
-    tag = method if method == DENSE else f"{method}-s{config.sparsity.sparsity:g}"
+    tag = f"{method}-s{config.sparsity.sparsity:g}" if is_sparse_method(method) else method
     return Path("runs") / f"{tag}-{stamp}"
 
 
@@ -89,8 +107,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of a run directory or of a sweep directory."""
-    from alwayssparse.report import write_run_report, write_sweep_report  # matplotlib: lazily
-
     directory = Path(args.directory)
     if (directory / SPEC_FILE).exists():
         print(write_sweep_report(directory))
@@ -109,13 +125,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name, make in sorted(PRESETS.items()):
-        print(f"{name:12s} {(make.__doc__ or '').strip()}")
+    for name, entry in sorted(PRESETS.items()):
+        print(f"{name:12s} {entry.description}")
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    print(f"{DENSE:10s} ordinary dense training (no sparsity)")
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {doc}")
@@ -127,18 +142,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
-    parser.add_argument("--method", help=f"one of {sorted([*METHODS, DENSE])}")
+    parser.add_argument("--method", help=f"one of {sorted(METHODS)}")
     parser.add_argument(
         "--sparsity",
-        help="forward sparsity, or FORWARD/BACKWARD for Top-KAST: "
-        "0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
+        help="forward sparsity, or FORWARD/BACKWARD for a method with a backward sparsity "
+        "(Top-KAST): 0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
     )
     parser.add_argument("--steps", type=int, help="number of optimizer steps")
     parser.add_argument(
         "--backend", choices=sorted(BACKENDS), help="masked (any layer) or sparse (real savings)"
     )
-    parser.add_argument("--text", nargs="+", metavar="PATH", help="train on these files/dirs")
-    parser.add_argument("--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip")
+    parser.add_argument(
+        "--text",
+        nargs="+",
+        metavar="PATH",
+        help="train on these text files/dirs (tasks lm, xl; bert: files)",
+    )
+    parser.add_argument(
+        "--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip (tasks lm, xl)"
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 

@@ -11,13 +11,15 @@ BatchNorm statistics are those of the rank's shard unless the layers are synchro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+# The run config holds this task's section: imported as a module, read when a preset is built.
+from alwayssparse import runconfig
 from alwayssparse.data.images import (
     ImageBatches,
     ImageSet,
@@ -30,6 +32,7 @@ from alwayssparse.data.images import (
     shard_rows,
 )
 from alwayssparse.models.resnet import ResNetConfig, build_resnet
+from alwayssparse.presets import register_preset
 from alwayssparse.tasks.base import Task, register_task
 
 IMAGE_FORMATS = ("idx", "cifar10", "folder")
@@ -71,8 +74,25 @@ class ImageTask(Task):
     """Cross-entropy on augmented batches; top-1 accuracy on held-out and test images."""
 
     name = "image"
+    config_class = ImageTaskConfig
     unit = "images"
     metric = "accuracy"
+
+    @classmethod
+    def size_label(cls, section: Mapping[str, Any]) -> str:
+        """The architecture, with its width if set: ``resnet50``, ``cifar_resnet20/w8``."""
+        model = section.get("model", {})
+        if "arch" not in model:
+            return "?"
+        return str(model["arch"]) + (f"/w{model['width']}" if model.get("width") else "")
+
+    @classmethod
+    def use_data(cls, section: ImageTaskConfig, corpus: str, paths: list[str]) -> None:
+        """Images are not text: refuse, naming the options that give the image directory."""
+        raise ValueError(
+            f"task image reads images, not --{corpus}: give the directory as image.path=DIR "
+            f"(with image.format= one of {list(IMAGE_FORMATS)})"
+        )
 
     def __init__(
         self,
@@ -141,3 +161,42 @@ class ImageTask(Task):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+@register_preset("resnet50-imagenet")
+def resnet50_imagenet() -> runconfig.RunConfig:
+    """ResNet-50 on ImageNet class folders (image.path=DIR), Top-KAST (80%, 50%).
+
+    As in topkast.md supplementary B: SGD momentum 0.9, lr 1.6 x batch/4096 with a 5% warm-up,
+    x0.1 at 30/70/90% of the run, weight decay 1e-4, first/last layers dense; needs
+    image.path=DIR with image.format=folder.
+    """
+    config = runconfig.RunConfig(task="image")
+    config.image.model = ResNetConfig(arch="resnet50", num_classes=1000, in_channels=3)
+    config.image.format, config.image.image_size = "folder", 224
+    batch, steps = 256, 32_000 * 4096 // 256
+    config.optim = runconfig.OptimConfig(name="sgd", lr=1.6 * batch / 4096, beta1=0.9,
+                                         weight_decay=1e-4, warmup_steps=steps // 20,
+                                         schedule="step", grad_clip=0.0)  # fmt: skip
+    config.train = runconfig.LoopConfig(steps=steps, batch_size=batch, eval_interval=5000,
+                                        checkpoint_interval=5000, final_eval_batches=0)  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "topkast", 0.8
+    config.sparsity.topkast.backward_sparsity = 0.5
+    config.sparsity.layout.dense_first_last = True
+    return config
+
+
+@register_preset("resnet20-fashion-mnist")
+def resnet20_fashion_mnist() -> runconfig.RunConfig:
+    """CIFAR-style ResNet-20 on Fashion-MNIST IDX files (image.path=DIR), Top-KAST (80%, 50%)."""
+    config = resnet50_imagenet()
+    config.image.model = ResNetConfig(arch="cifar_resnet20", num_classes=10, in_channels=1)
+    config.image.format = "idx"
+    config.optim.lr, config.optim.warmup_steps = 0.1, 50
+    config.train = runconfig.LoopConfig(steps=1000, batch_size=128, eval_interval=250,
+                                        eval_batches=20, checkpoint_interval=250,
+                                        final_eval_batches=0)  # fmt: skip
+    return config
