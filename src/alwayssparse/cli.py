@@ -25,7 +25,7 @@ from alwayssparse.runconfig import RunConfig, is_sparse_method, load_run_config
 from alwayssparse.sparsity import parse_sparsity
 from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
 from alwayssparse.tasks import TASKS
-from alwayssparse.train import train
+from alwayssparse.train import TrainingDiverged, train
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -77,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.resume or args.out or _default_run_dir(config))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
         print(f"run directory: {run_dir}")
-    train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
+          progress=not args.no_progress)  # fmt: skip
     return 0
 
 
@@ -175,6 +176,9 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(p_train)
     p_train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/...)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument(
+        "--overwrite", action="store_true", help="replace the run files already in --out"
+    )
     p_train.set_defaults(func=cmd_train)
     p_sweep = sub.add_parser(
         "sweep", help="run a grid of methods x sparsities x sizes x seeds (resumable)"
@@ -202,7 +206,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; configuration errors print one clear line and exit with status 2."""
+    """Entry point. Bad input (configuration, files, checkpoints) and failed runs (divergence,
+    a full disk) print one ``alwayssparse: error:`` line, with no traceback, and exit with
+    status 2 (bad input) or 1 (the run failed)."""
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may also come after options (argparse stops at the first option).
@@ -213,9 +219,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"alwayssparse: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"alwayssparse: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"alwayssparse: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alwayssparse: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (an OSError without one: its errno text and file)."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 __all__ = ["build_config", "main", "make_parser", "parse_sparsity"]

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 
 from alwayssparse import distributed
 from alwayssparse.flops import FlopLedger
+from alwayssparse.jsonio import dumps_strict, write_text_atomic
 from alwayssparse.runconfig import is_sparse_method
 from alwayssparse.rundir import flatten, is_number
 from alwayssparse.sparsity import Sparsity
@@ -92,10 +93,27 @@ class MetricsLog:
         self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as strict JSON (a non-finite number is written as ``null``)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_strict(record, nan_to_null=True) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (written by a run killed after its last
+        checkpoint, which a resumed run writes again)."""
+        if self.enabled:
+            truncate_jsonl(self.path, step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a JSON-lines file whose ``step`` is at most ``step`` (atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class TensorBoardLogger:

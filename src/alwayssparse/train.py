@@ -24,6 +24,7 @@ The pieces live by role: :mod:`~alwayssparse.runconfig` (the configuration),
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from alwayssparse import distributed
 from alwayssparse.checkpoints import load_checkpoint, save_checkpoint, write_json
 from alwayssparse.config import to_dict
-from alwayssparse.dynamics import MaskDynamics
+from alwayssparse.dynamics import DYNAMICS_FILE, MaskDynamics
 from alwayssparse.flops import FlopLedger
 from alwayssparse.metrics import (
     MetricsLog,
@@ -46,10 +47,12 @@ from alwayssparse.metrics import (
     evaluate,
     flop_report,
     format_summary,
+    truncate_jsonl,
 )
 from alwayssparse.optim import base_learning_rate, build_optimizer, learning_rate
 from alwayssparse.presets import PRESETS, preset
 from alwayssparse.report import write_run_report
+from alwayssparse.rng import capture_rng_state, seed_everything
 from alwayssparse.runconfig import LoopConfig, OptimConfig, RunConfig, load_run_config
 from alwayssparse.sparsity import Sparsity
 from alwayssparse.tasks import TASKS, Task
@@ -59,6 +62,7 @@ __all__ = [
     "LoopConfig",
     "OptimConfig",
     "RunConfig",
+    "TrainingDiverged",
     "base_learning_rate",
     "build_optimizer",
     "learning_rate",
@@ -73,6 +77,7 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -87,6 +92,12 @@ def train(
         config: The run configuration (validated before anything is built).
         run_dir: Output directory. Created if missing; with ``resume`` it must hold a checkpoint.
         resume: Continue from ``run_dir/checkpoint.pt``.
+        overwrite: Replace the run files of an earlier run in ``run_dir`` (only when the new
+            run starts training; without it a directory holding any run file is refused).
+
+    Raises:
+        TrainingDiverged: The loss or the gradient became non-finite; the run stops before
+            the optimizer step, and its last checkpoint is kept.
         progress: Show a progress bar.
         log: Where human-readable lines go.
     """
@@ -97,8 +108,8 @@ def train(
         try:
             # Rank 0's directory everywhere (a default name holds each process's timestamp).
             run_dir = distributed.broadcast_object(str(run_dir))
-            return _train(config, Path(run_dir), context, resume=resume, progress=progress,
-                          log=log)  # fmt: skip
+            return _train(config, Path(run_dir), context, resume=resume, overwrite=overwrite,
+                          progress=progress, log=log)  # fmt: skip
         except Exception as error:
             if context.distributed and hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(distributed.failure_note(context, config.train.dist_timeout))
@@ -115,14 +126,16 @@ def _train(
     context: distributed.DistContext,
     *,
     resume: bool,
+    overwrite: bool,
     progress: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The body of :func:`train`, for one process of ``context``."""
-    checkpoint_path = _claim(run_dir, context, resume)
+    """The body of :func:`train`, for one process of ``context``. Nothing is written into
+    ``run_dir`` before the run is set up, so a run that fails before training leaves nothing."""
+    checkpoint_path = _claim(run_dir, resume, overwrite)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)
+    seed_everything(config.train.seed)
 
     # Task: data and model.
     task = TASKS[config.task](config.task_config(), config.train.batch_size, context.device,
@@ -136,12 +149,11 @@ def _train(
     sparsity = Sparsity(
         model, config.sparsity, seed=config.train.seed, total_steps=config.train.steps
     )
-    layout = sparsity.summary()
-    if context.is_main:
-        (run_dir / "layout.txt").write_text(layout + "\n")
-    log(layout)
+    log(sparsity.summary())
     optimizer = build_optimizer(model, config.optim, sparsity.weight_parameters())
     run = _Run(config, run_dir, context, log, task, model, sparsity, optimizer)
+    if context.distributed:
+        seed_everything(config.train.seed + context.rank)  # independent dropout per rank
 
     start = 0
     if resume:
@@ -151,9 +163,7 @@ def _train(
     # DDP gets the model after Sparsity has attached (its gradient hooks see the final params).
     run.check_ranks(start)
     train_model = distributed.wrap_model(model, context)
-    if context.distributed:
-        torch.manual_seed(config.train.seed + context.rank)  # independent dropout per rank
-    run.open_records()
+    run.open_records(start, overwrite=overwrite and not resume)
     if not resume:
         run.record_dynamics(0)
 
@@ -161,16 +171,37 @@ def _train(
     return _finish(run, wall)
 
 
-def _claim(run_dir: Path, context: distributed.DistContext, resume: bool) -> Path:
+RUN_FILES = ("config.json", "layout.txt", "metrics.jsonl", "checkpoint.pt", "summary.json",
+             "flops.txt", "dynamics.jsonl", "pattern.npy", "report.md", "plots")  # fmt: skip
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files of a run that ``run_dir`` holds (TensorBoard event files included)."""
+    if not run_dir.is_dir():
+        return []
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    return found + sorted(run_dir.glob("events.out.tfevents.*"))
+
+
+def _claim(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     """The checkpoint path of ``run_dir``, after checking that it holds a run exactly when
-    resuming; rank 0 creates the directory."""
+    resuming (or ``overwrite`` is given). Writes nothing."""
     checkpoint_path = run_dir / "checkpoint.pt"
+    existing = run_files(run_dir)
     if resume and not checkpoint_path.exists():
+        if existing:
+            raise FileNotFoundError(
+                f"cannot resume {run_dir}: its run stopped before its first checkpoint (no "
+                "checkpoint.pt); start it again with `alwayssparse train --out "
+                f"{run_dir} --overwrite` and the options it had (see its config.json)"
+            )
         raise FileNotFoundError(f"cannot resume: {checkpoint_path} does not exist")
-    if not resume and checkpoint_path.exists():
-        raise FileExistsError(f"{run_dir} already holds a run; resume it or choose another")
-    if context.is_main:  # only rank 0 writes
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and existing and not overwrite:
+        names = ", ".join(p.name for p in existing[:4])
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({names}); resume it (--resume {run_dir}), choose "
+            "another --out, or replace it with --overwrite"
+        )
     return checkpoint_path
 
 
@@ -188,6 +219,12 @@ def _loop(run: _Run, train_model: nn.Module, start: int, progress: bool) -> floa
     for step in bar:
         lr = learning_rate(step, steps, run.config.optim, peak_lr)
         loss, regularizer, units = _train_step(run, train_model, step, lr)
+        if loss is None:  # a non-finite loss or gradient: nothing was changed by this step
+            bar.close()
+            values = [float(v) for v in regularizer]
+            run.write({"kind": "diverged", "step": step, "loss": values[0],
+                       "gradient_norm": values[1], "lr": lr})  # fmt: skip
+            raise _diverged(run, step, regularizer, lr)
         units_done += units
         run.ledger.record(step)
         done = step + 1
@@ -213,9 +250,11 @@ def _loop(run: _Run, train_model: nn.Module, start: int, progress: bool) -> floa
 
 def _train_step(
     run: _Run, train_model: nn.Module, step: int, lr: float
-) -> tuple[Tensor, Tensor, int]:
+) -> tuple[Tensor | None, Tensor, int]:
     """One optimizer step at learning rate ``lr``; return the task's loss, the regulariser and
-    the throughput units of the batch."""
+    the throughput units of the batch. A non-finite loss or gradient norm stops before the
+    optimizer step: the loss is then ``None`` and the second value holds (loss, gradient norm).
+    """
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch = run.task.train_batch(run.batch_generator)
@@ -225,13 +264,40 @@ def _train_step(
     regularizer = run.sparsity.regularizer()
     total_loss = loss + regularizer
     total_loss.backward()
-    if run.config.optim.grad_clip > 0:
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.config.optim.grad_clip)
+    clip = run.config.optim.grad_clip
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not bool(torch.isfinite(total_loss.detach()) & torch.isfinite(norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        return None, torch.stack([total_loss.detach().float(), norm.float()]).cpu(), units
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     # Sparsity line 3 of 3: refresh masks, keep entries outside B untouched.
     run.sparsity.step(step, run.optimizer)
     return loss, regularizer, units
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became non-finite: the run stopped (its message says where)."""
+
+
+def _diverged(run: _Run, step: int, values: Tensor, lr: float) -> TrainingDiverged:
+    """The error for a non-finite loss or gradient norm at ``step``, naming the likely cause."""
+    loss, norm = (float(v) for v in values)
+    optim = run.config.optim
+    clip = f"clip gradients (optim.grad_clip, now {optim.grad_clip:g})"
+    if optim.grad_clip > 0:
+        clip = f"clip gradients harder (optim.grad_clip={optim.grad_clip:g})"
+    last = run.last_checkpoint
+    kept = f"checkpoint of step {last} is kept" if last is not None else "no checkpoint was written"
+    return TrainingDiverged(
+        f"training diverged at step {step}: loss {loss:.4g}, gradient norm {norm:.4g} at "
+        f"learning rate {lr:.4g} (optim.lr={optim.lr:g}); lower the learning rate or {clip}. "
+        f"Nothing of this step was applied; the {kept} in {run.run_dir}"
+    )
 
 
 def _train_record(
@@ -317,12 +383,21 @@ class _Run:
         )
         self.metrics: MetricsLog | None = None
         self.board: TensorBoardLogger | None = None
+        self.last_checkpoint: int | None = None
 
-    def open_records(self) -> None:
-        """Write ``config.json`` and open the metrics records (rank 0 writes them)."""
+    def open_records(self, start: int, overwrite: bool) -> None:
+        """Create the run directory, write ``layout.txt`` and ``config.json`` and open the
+        metrics records (rank 0 writes them). ``overwrite``: remove an earlier run's files
+        first; resuming at ``start``: drop records written after that checkpoint."""
         is_main = self.context.is_main
         if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                _remove(run_files(self.run_dir))
+            (self.run_dir / "layout.txt").write_text(self.sparsity.summary() + "\n")
             write_json(to_dict(self.config), self.run_dir / "config.json")
+            for name in ("metrics.jsonl", DYNAMICS_FILE):
+                truncate_jsonl(self.run_dir / name, start)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=is_main)
         if self.config.train.tensorboard and is_main:
             self.board = TensorBoardLogger(self.run_dir)
@@ -347,21 +422,39 @@ class _Run:
         distributed.assert_same_across_ranks(state, f"the training state at step {step}")
 
     def save(self, step: int) -> None:
-        """Check the ranks agree, then write the checkpoint of ``step`` (rank 0)."""
+        """Check the ranks agree, then write the checkpoint of ``step`` (rank 0), with every
+        rank's random state and task state."""
         self.check_ranks(step)
+        per_rank = distributed.all_gather_object(
+            {"rng": capture_rng_state(), "task": self.task.state_dict()}
+        )
+        self.last_checkpoint = step
         if not self.context.is_main:
             return
         save_checkpoint(self.run_dir / "checkpoint.pt", step, model=self.model,
                         optimizer=self.optimizer, sparsity=self.sparsity,
                         batch_generator=self.batch_generator, task=self.task,
-                        config=to_dict(self.config),
+                        config=to_dict(self.config), per_rank=per_rank,
                         extras={"dynamics": self.dynamics, "flops": self.ledger})  # fmt: skip
 
     def load(self, path: Path) -> int:
-        """Restore the checkpoint at ``path``; return its step."""
+        """Restore the checkpoint at ``path`` (this rank's random and task state when it was
+        written by as many processes); return its step."""
         extras = {"dynamics": self.dynamics, "flops": self.ledger}
-        return load_checkpoint(path, self.model, self.optimizer, self.sparsity,
-                               self.batch_generator, self.task, extras=extras)  # fmt: skip
+        step = load_checkpoint(path, self.model, self.optimizer, self.sparsity,
+                               self.batch_generator, self.task, extras=extras,
+                               rank=self.context.rank,
+                               world_size=self.context.world_size)  # fmt: skip
+        self.last_checkpoint = step
+        return step
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _mask_dynamics(loop: LoopConfig, sparsity: Sparsity) -> MaskDynamics | None:

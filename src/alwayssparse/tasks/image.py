@@ -119,6 +119,8 @@ class ImageTask(Task):
         self.test_set: ImageSet = test
         self.mean, self.std = channel_stats(self.train_set.x)
         self._batches: Iterator[tuple[Tensor, Tensor]] | None = None
+        self._order, self._position = torch.empty(0, dtype=torch.long), 0
+        self._pending: tuple[Tensor, int] | None = None  # a loaded epoch, resumed at next batch
 
     def describe_data(self) -> str:
         sizes = (len(self.train_set.y), len(self.valid_set.y), len(self.test_set.y))
@@ -128,17 +130,27 @@ class ImageTask(Task):
         return build_resnet(self.config.model)
 
     def train_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self._pending is not None:  # continue the epoch of a loaded checkpoint
+            order, position = self._pending
+            self._batches, self._pending = self._epoch(generator).batches(order, position), None
         for _ in range(2):
             if self._batches is None:
-                self._batches = iter(ImageBatches(self.train_set, self.batch_size, generator,
-                                                  train=True, mean=self.mean, std=self.std,
-                                                  device=self.device, rank=self.rank,
-                                                  world_size=self.world_size))  # fmt: skip
+                epoch = self._epoch(generator)
+                self._order, self._position = epoch.draw_order(), 0
+                self._batches = epoch.batches(self._order)
             try:
-                return next(self._batches)
+                batch = next(self._batches)
             except StopIteration:  # next epoch: a fresh permutation
                 self._batches = None
+                continue
+            self._position += 1
+            return batch
         raise ValueError("the training split has fewer images than one batch")
+
+    def _epoch(self, generator: torch.Generator) -> ImageBatches:
+        return ImageBatches(self.train_set, self.batch_size, generator, train=True,
+                            mean=self.mean, std=self.std, device=self.device, rank=self.rank,
+                            world_size=self.world_size)  # fmt: skip
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
@@ -160,7 +172,20 @@ class ImageTask(Task):
         return {"accuracy": float(correct_total[0]) / len(x) if len(x) else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """The epoch's order and how many of its batches were drawn: a resumed run continues
+        the epoch (its augmentation draws come from the batch generator, in the checkpoint)."""
+        if self._batches is None and self._pending is None:
+            return {}
+        return {"order": self._order.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batches = None
+        if state:
+            order, position = state["order"], int(state["position"])
+            if not isinstance(order, Tensor) or order.numel() != len(self.train_set.y):
+                raise ValueError("image task state: its epoch order does not fit the data")
+            self._order, self._position = order, position
+            self._pending = (order, position)
 
 
 # -- presets ------------------------------------------------------------------------------------
