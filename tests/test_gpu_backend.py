@@ -245,6 +245,13 @@ def test_bf16_autocast_with_fp32_master_values() -> None:
     assert sp.tensors[0].module is layer
 
 
+def test_rigl_under_autocast() -> None:
+    """RigL's dense-gradient rows from a float32 input and a bf16 output gradient (autocast);
+    the masked backend on the CPU (the CUDA tests below run both backends)."""
+    run = train("masked", "rigl", device="cpu", autocast=torch.bfloat16)
+    assert run["sp"].explored_dof()["total"] > 0.25  # RigL did grow units
+
+
 def test_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     conv = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Flatten(), nn.Linear(16, 16))
     with pytest.raises(ValueError, match="backend 'gpu' supports nn.Linear"):
