@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,6 +204,42 @@ def test_state_follows_topology_change() -> None:
         assert any(u in old for u in layer.units.tolist() if u >= 0)
         assert any(u not in old for u in layer.units.tolist() if u >= 0)
     assert checked >= 1
+
+
+@needs_kernels
+def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
+    """A checkpoint (loaded onto the host, then into the layers) resumes the run exactly; the
+    layouts are rebuilt after the load."""
+    steps, half = 10, 5
+    full = train("gpu", "topkast", steps=steps)
+    first = train("gpu", "topkast", steps=half)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": first["model"].state_dict(), "sparsity": first["sp"].state_dict(),
+                "optimizer": first["optimizer"].state_dict()}, path)  # fmt: skip
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = make_model()
+    sp = Sparsity(model, method="topkast", sparsity=0.75, block_size=BLOCK, backend="gpu",
+                  total_steps=steps, seed=1, **OPTIONS["topkast"])  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    model(torch.randn(2, 64, device=DEVICE))  # layouts of the initial masks, now stale
+    model.load_state_dict(state["model"])
+    sp.load_state_dict(state["sparsity"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches = torch.Generator().manual_seed(2)
+    for step in range(steps):
+        x, y = torch.randn(32, 64, generator=batches), torch.randn(32, 64, generator=batches)
+        if step < half:
+            continue  # consumed before the checkpoint
+        loss = F.mse_loss(model(x.to(DEVICE)), y.to(DEVICE)) + sp.regularizer()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step(step, optimizer)
+    for name, (a, b) in full["sp"].masks().items():
+        assert torch.equal(sp.masks()[name][0], a) and torch.equal(sp.masks()[name][1], b)
+    for (key, p), q in zip(model.state_dict().items(), full["model"].state_dict().values(),
+                           strict=True):  # fmt: skip
+        assert torch.equal(p, q), key
 
 
 @needs_kernels
