@@ -335,7 +335,7 @@ def test_bf16_autocast_training_cuda(method: str) -> None:
         assert t.weight.dtype == torch.float32
     # bf16 rounding differs between cuBLAS and the kernels: losses agree to bf16 precision
     # (masks of dynamic methods may then diverge, so they are compared for static only).
-    torch.testing.assert_close(run["losses"][:4], masked["losses"][:4], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(run["losses"][:3], masked["losses"][:3], rtol=3e-2, atol=3e-2)
     if method == "static":
         torch.testing.assert_close(run["losses"], masked["losses"], rtol=3e-2, atol=3e-2)
         for name, (a, b) in masked["sp"].masks().items():
@@ -366,7 +366,7 @@ def test_bf16_model_trains_cuda() -> None:
 def test_masked_backend_on_cuda_and_checkpoints_across_devices(method: str) -> None:
     """The masked backend on CUDA matches it on the CPU; a checkpoint moves both ways."""
     cpu, cuda = train("masked", method, device="cpu"), train("masked", method, device="cuda")
-    torch.testing.assert_close(cuda["losses"][:4], cpu["losses"][:4], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cuda["losses"][:3], cpu["losses"][:3], rtol=1e-4, atol=1e-5)
     if method == "static":  # dynamic methods may pick other units after rounding differences
         for name, (a, b) in cpu["sp"].masks().items():
             assert torch.equal(cuda["sp"].masks()[name][0].cpu(), a)
