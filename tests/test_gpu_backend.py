@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,28 @@ def effective_weights(run: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
     return out
 
 
-def test_registered_and_importable_without_triton_import() -> None:
+def test_registered_and_importable_without_triton() -> None:
     assert BACKENDS["gpu"] is GpuBackend
     assert GpuBackend.devices == ("cuda",) and GpuBackend.supported_blocks == (16, 32, 64)
     assert GpuBackend.fixed_capacity
+    # In a fresh process where triton cannot be imported: the package and its backends import,
+    # and attaching the backend names the fix.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import alwayssparse.backends as backends\n"
+        "from torch import nn\n"
+        "from alwayssparse import Sparsity\n"
+        "assert 'gpu' in backends.BACKENDS\n"
+        "try:\n"
+        "    Sparsity(nn.Sequential(nn.Linear(64, 64)), block_size=16, backend='gpu')\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=120, check=True)  # fmt: skip
+    assert "backend 'gpu' needs Triton" in result.stdout, result.stdout + result.stderr
 
 
 @needs_kernels
