@@ -301,6 +301,30 @@ def test_bf16_autocast_with_fp32_master_values() -> None:
     assert sp.tensors[0].module is layer
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype: torch.dtype) -> None:
+    """16-bit weights and activations (no autocast): close to the masked backend."""
+    losses = {}
+    for backend in ("masked", "gpu"):
+        model = make_model().to(dtype)
+        sp = Sparsity(model, method="set", sparsity=0.75, block_size=BLOCK, backend=backend,
+                      total_steps=6, seed=1, update_interval=2)  # fmt: skip
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        batches = torch.Generator().manual_seed(2)
+        losses[backend] = []
+        for step in range(3):
+            x, y = torch.randn(32, 64, generator=batches), torch.randn(32, 64, generator=batches)
+            loss = F.mse_loss(model(x.to(DEVICE, dtype)).float(), y.to(DEVICE))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sp.step(step, optimizer)
+            losses[backend].append(loss.item())
+        assert all(t.weight.dtype == dtype for t in sp.tensors)
+    torch.testing.assert_close(losses["gpu"], losses["masked"], rtol=2e-2, atol=2e-2)
+
+
 def test_rigl_under_autocast() -> None:
     """RigL's dense-gradient rows from a float32 input and a bf16 output gradient (autocast);
     the masked backend on the CPU (the CUDA tests below run both backends)."""
