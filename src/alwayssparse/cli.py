@@ -151,7 +151,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="number of optimizer steps")
     parser.add_argument(
-        "--backend", choices=sorted(BACKENDS), help="masked (any layer) or sparse (real savings)"
+        "--backend",
+        choices=sorted(BACKENDS),
+        help="masked (any layer), sparse (Linear, CPU) or gpu (Linear, CUDA block-sparse)",
     )
     parser.add_argument(
         "--text",
