@@ -254,7 +254,9 @@ def _recorded_train(config: RunConfig, run_dir: Path, resume: bool = False) -> d
     real_save, real_sparsity = torch.save, train_module.Sparsity
 
     def counting_save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
-        saved.append(str(path))
+        name = path if isinstance(path, str | os.PathLike) else getattr(path, "name", None)
+        if isinstance(name, str | os.PathLike):  # files, not buffers (collectives pickle)
+            saved.append(str(name))
         real_save(obj, path, *args, **kwargs)
 
     _RecordingSparsity.history, _RecordingSparsity.scores = [], []

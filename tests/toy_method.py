@@ -56,9 +56,10 @@ class Lottery(Method):
     def _swap(self, t: SparseTensor) -> TopologyChange:
         storage = t.storage
         units, _ = storage.units()
-        keep = topk_mask(storage.unit_scores(), units.numel() - self.swap)
+        swap = min(self.swap, units.numel(), t.num_blocks - units.numel())
+        keep = topk_mask(storage.unit_scores(), units.numel() - swap)
         outside = storage.grid_scores().reshape(-1).clone()
         outside[units] = float("-inf")
-        grown = torch.nonzero(topk_mask(outside, self.swap)).squeeze(1)
+        grown = torch.nonzero(topk_mask(outside, swap)).squeeze(1)
         new, _ = torch.sort(torch.cat([units[keep], grown]))
         return storage.assign(new, torch.ones_like(new, dtype=torch.bool))

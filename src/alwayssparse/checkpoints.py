@@ -141,12 +141,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        # Never pass on PyTorch's suggestion to retry with weights_only=False.
+        if "Unsupported global" in str(error):
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain values; it was not "
                 "written by alwayssparse and is refused (loading it could run arbitrary code)"
             ) from None
-        raise CheckpointError(f"{path} is damaged or not a checkpoint ({error})") from None
+        raise CheckpointError(
+            f"{path} is damaged or not an alwayssparse checkpoint: it does not unpickle to "
+            "tensors and plain values, and is refused (anything else could run arbitrary code)"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, IndexError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(

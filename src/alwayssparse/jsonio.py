@@ -150,7 +150,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except OSError as error:
         raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+        with open(tmp_name, "wb") as f:  # by name: f.name says which file is written
             write(f)
             f.flush()
             os.fsync(f.fileno())
