@@ -183,6 +183,34 @@ def _ptr(counts: Tensor) -> Tensor:
     return ptr
 
 
+def _checked_units(units: Tensor, nbr: int, nbc: int) -> Tensor:
+    """``units`` as int64 on the CPU, checked sorted, distinct and inside the grid."""
+    units = units.detach().to("cpu", torch.int64)
+    nnz = units.numel()
+    if nnz >= 2**31:
+        raise ValueError(f"{nnz} blocks exceed the int32 index range")
+    if nnz:
+        if int(units[0]) < 0 or int(units[-1]) >= nbr * nbc:
+            raise ValueError(f"units must lie in [0, {nbr * nbc}) for the grid {(nbr, nbc)}")
+        if bool((units[1:] <= units[:-1]).any()):
+            raise ValueError("units must be strictly increasing (sorted, no duplicates)")
+    return units
+
+
+def _checked_slots(slots: Tensor, nnz: int) -> Tensor:
+    """``slots`` as int64 on the CPU, checked: one per unit, distinct, non-negative, int32."""
+    if not isinstance(slots, Tensor) or slots.dim() != 1 or slots.is_floating_point():
+        raise TypeError("slots must be a 1-D integer tensor")
+    slots = slots.detach().to("cpu", torch.int64)
+    if slots.numel() != nnz:
+        raise ValueError(f"slots has {slots.numel()} entries for {nnz} units")
+    if nnz and (int(slots.min()) < 0 or torch.unique(slots).numel() != nnz):
+        raise ValueError("slots must be distinct and non-negative")
+    if nnz and int(slots.max()) >= 2**31:
+        raise ValueError("slots exceed the int32 index range")
+    return slots
+
+
 def bsr_layout(
     units: Tensor,
     grid: tuple[int, int],
@@ -208,27 +236,9 @@ def bsr_layout(
     if not isinstance(units, Tensor) or units.dim() != 1 or units.is_floating_point():
         raise TypeError("units must be a 1-D integer tensor")
     device = units.device if device is None else torch.device(device)
-    units = units.detach().to("cpu", torch.int64)
+    units = _checked_units(units, nbr, nbc)
     nnz = units.numel()
-    if nnz >= 2**31:
-        raise ValueError(f"{nnz} blocks exceed the int32 index range")
-    if nnz:
-        if int(units[0]) < 0 or int(units[-1]) >= nbr * nbc:
-            raise ValueError(f"units must lie in [0, {nbr * nbc}) for the grid {grid}")
-        if bool((units[1:] <= units[:-1]).any()):
-            raise ValueError("units must be strictly increasing (sorted, no duplicates)")
-    if slots is None:
-        slots = torch.arange(nnz, dtype=torch.int64)
-    else:
-        if not isinstance(slots, Tensor) or slots.dim() != 1 or slots.is_floating_point():
-            raise TypeError("slots must be a 1-D integer tensor")
-        slots = slots.detach().to("cpu", torch.int64)
-        if slots.numel() != nnz:
-            raise ValueError(f"slots has {slots.numel()} entries for {nnz} units")
-        if nnz and (int(slots.min()) < 0 or torch.unique(slots).numel() != nnz):
-            raise ValueError("slots must be distinct and non-negative")
-        if nnz and int(slots.max()) >= 2**31:
-            raise ValueError("slots exceed the int32 index range")
+    slots = torch.arange(nnz, dtype=torch.int64) if slots is None else _checked_slots(slots, nnz)
     rows = torch.div(units, nbc, rounding_mode="floor") if nbc else units
     cols = units - rows * nbc
     # Block-column order, ascending rows within a column (stable sort of row-major units).
