@@ -36,6 +36,7 @@ and :meth:`SparseLinear.dense_weight` (inspection, export) build dense tensors a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.backends.base import Backend, TensorSpec, register_backend, require_held
-from alwayssparse.layout import ParamInfo
+from alwayssparse.layout import ParamInfo, is_hf_conv1d
 from alwayssparse.masks import (
     block_norms,
     count_for_density,
@@ -86,29 +87,52 @@ def _compress(units: Tensor, grid_rows: int, grid_cols: int) -> tuple[Tensor, Te
 class SparseLinear(nn.Module):
     """A Linear layer whose weight exists only at its stored units.
 
+    It answers what code reads from the layer it replaced: ``in_features``, ``out_features``,
+    ``bias`` (the same parameter object) and ``weight``, a *dense copy* of theta on A built on
+    every access (detached; right ``shape``, ``dtype`` and ``device``; costs a weight-sized
+    tensor, so read it for inspection, not in a loop), and for a Hugging Face ``Conv1D`` also
+    ``nx`` and ``nf``.
+
     Args:
-        linear: The dense layer it replaces (its bias parameter object is kept).
+        linear: The dense layer it replaces (its bias parameter object is kept): an
+            ``nn.Linear``, or a Hugging Face ``Conv1D`` (y = x W + b with W stored (in, out)).
+            A Conv1D's W is stored as it is, in CSR/BSR over its (in, out) rows, so that the block
+            grid, the unit indices and hence every mask are those of the masked backend; the
+            products swap roles (forward by the transposed kernel, input gradient by the plain
+            one).
         block: Unit edge b (1: CSR; 4, 8, 16: BSR).
         capacity: Number of stored units (slots), fixed for the run.
         reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
+
+    Attributes:
+        transposed: Whether W is stored (in, out) (a replaced Conv1D); ``weight`` then has that
+            shape too.
+        shape: The stored matrix: (out, in), or (in, out) when ``transposed``.
     """
 
     values: Tensor
     units: Tensor
     in_a: Tensor
 
-    def __init__(self, linear: nn.Linear, block: int, capacity: int, reservoir: bool) -> None:
+    def __init__(self, linear: nn.Module, block: int, capacity: int, reservoir: bool) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.block = (
-            linear.in_features,
-            linear.out_features,
-            block,
-        )
-        self.grid = (linear.out_features // block, linear.in_features // block)
-        weight = linear.weight.detach()
+        self.transposed = is_hf_conv1d(linear)
+        if self.transposed:
+            in_features, out_features = int(linear.nx), int(linear.nf)  # type: ignore[arg-type]
+            self.nx, self.nf = in_features, out_features
+            self.shape = (in_features, out_features)
+        else:
+            in_features = int(linear.in_features)  # type: ignore[arg-type]
+            out_features = int(linear.out_features)  # type: ignore[arg-type]
+            self.shape = (out_features, in_features)
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.grid = (self.shape[0] // block, self.shape[1] // block)
+        weight, bias = linear.weight, linear.bias
+        assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, nn.Parameter))
+        weight = weight.detach()
         shape = (capacity,) if block == 1 else (capacity * block, block)
         self.values = nn.Parameter(weight.new_zeros(shape))
-        self.bias = linear.bias
+        self.bias = bias
         self.index_dtype = index_dtype(max(self.grid[0] * self.grid[1], capacity))
         self.register_buffer("units", torch.full((capacity,), -1, dtype=self.index_dtype))
         self.register_buffer("in_a", torch.zeros(capacity, dtype=torch.bool))
@@ -141,10 +165,11 @@ class SparseLinear(nn.Module):
             live = torch.arange(self.stored(), dtype=self.index_dtype)
             in_a = live[self.in_a[: live.numel()]]
             a_ptr, a_cols = _compress(self.units[in_a], *self.grid)
+            cols = self.shape[1]
             if self.block == 1:
-                a_t = kernels.csr_transpose(a_ptr, a_cols, self.in_features)
+                a_t = kernels.csr_transpose(a_ptr, a_cols, cols)
             else:
-                a_t = kernels.bsr_transpose(a_ptr, a_cols, self.in_features, self.block)
+                a_t = kernels.bsr_transpose(a_ptr, a_cols, cols, self.block)
             pattern_a = _Pattern(in_a, a_ptr, a_cols, a_t)
             if in_a.numel() == live.numel():
                 # A = B (every method but Top-KAST): one set of index arrays serves both.
@@ -171,10 +196,17 @@ class SparseLinear(nn.Module):
             y = y.add_(self.bias)  # in place: the kernel's output is fresh and not saved
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> Tensor:
+        """theta on A as a dense tensor of the replaced layer's weight shape: a new detached
+        copy on every access (what ``nn.Linear`` code reads: ``weight.dtype``, ``.shape``...)."""
+        return self.dense_weight()
+
     def dense_weight(self, only_a: bool = True) -> Tensor:
-        """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
+        """theta on A (or on every stored unit) as a dense tensor of shape ``self.shape``
+        ((out, in); (in, out) for a replaced Conv1D) (for export/tests)."""
         slots = self.patterns()[0 if only_a else 1].slots
-        weight = self.values.new_zeros(self.out_features, self.in_features)
+        weight = self.values.new_zeros(self.shape)
         write_units(weight, self.units[slots], self.block, self.tiles().detach()[slots])
         return weight
 
@@ -193,12 +225,15 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"block={self.block}, capacity={self.capacity}"
+            + (", transposed=True" if self.transposed else "")
         )
 
 
 class _SparseLinearFunction(torch.autograd.Function):
     """y = x @ W_A^T with W given by ``values``; gradients: x by the transposed product over A,
-    ``values`` by the sampled product at every stored (B) slot."""
+    ``values`` by the sampled product at every stored (B) slot. For W stored (in, out)
+    (``layer.transposed``): y = x @ W_A by the transposed product, x's gradient by the plain one,
+    and W's gradient x^T grad_y sampled at B."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, layer: SparseLinear) -> Tensor:
@@ -210,12 +245,9 @@ class _SparseLinearFunction(torch.autograd.Function):
         a_values = tiles[:n_a] if same else tiles[pattern_a.slots]
         ctx.save_for_backward(x, a_values)
         ctx.layer, ctx.patterns = layer, (pattern_a, pattern_b)
-        if layer.block == 1:
-            return kernels.csr_matmul(pattern_a.row_ptr, pattern_a.cols, a_values, x,
-                                      layer.out_features)  # fmt: skip
-        return kernels.bsr_matmul(
-            pattern_a.row_ptr, pattern_a.cols, a_values, x, layer.out_features
-        )
+        if layer.transposed:
+            return _product_t(layer, pattern_a, a_values, x)
+        return _product(layer, pattern_a, a_values, x)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -225,14 +257,17 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            product = kernels.csr_matmul_t if layer.block == 1 else kernels.bsr_matmul_t
-            grad_x = product(pattern_a.row_ptr, pattern_a.cols, a_values, grad_y,
-                             layer.in_features, transpose=pattern_a.transpose)  # fmt: skip
-        if ctx.needs_input_grad[1]:
-            if layer.block == 1:
-                sampled = kernels.csr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, grad_y, x)
+            if layer.transposed:
+                grad_x = _product(layer, pattern_a, a_values, grad_y)
             else:
-                sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, grad_y, x,
+                grad_x = _product_t(layer, pattern_a, a_values, grad_y)
+        if ctx.needs_input_grad[1]:
+            # Sampled (rows side)^T @ (columns side) of the stored matrix at B's positions.
+            left, right = (x, grad_y) if layer.transposed else (grad_y, x)
+            if layer.block == 1:
+                sampled = kernels.csr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right)
+            else:
+                sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right,
                                                    block_size=layer.block)  # fmt: skip
             # Used slots come first in unit order, so B's slots are 0..n-1.
             if sampled.numel() == layer.values.numel():
@@ -241,6 +276,20 @@ class _SparseLinearFunction(torch.autograd.Function):
                 grad_values = torch.zeros_like(layer.values)
                 grad_values.view(-1)[: sampled.numel()] = sampled.view(-1)
         return grad_x, grad_values, None
+
+
+def _product(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
+    """x @ M^T for the stored matrix M (rows x cols) over ``pattern``: (N, rows)."""
+    if layer.block == 1:
+        return kernels.csr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
+    return kernels.bsr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
+
+
+def _product_t(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
+    """x @ M for the stored matrix M (rows x cols) over ``pattern``: (N, cols)."""
+    product = kernels.csr_matmul_t if layer.block == 1 else kernels.bsr_matmul_t
+    return product(pattern.row_ptr, pattern.cols, values, x, layer.shape[1],
+                   transpose=pattern.transpose)  # fmt: skip
 
 
 class CompactStorage(UnitStorage):
@@ -407,9 +456,7 @@ class CompactStorage(UnitStorage):
 def _unit_mask(layer: SparseLinear, slots: Tensor) -> Tensor:
     grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool)
     grid[layer.units[slots]] = True
-    return expand_blocks(
-        grid.view(layer.grid), layer.block, (layer.out_features, layer.in_features)
-    )
+    return expand_blocks(grid.view(layer.grid), layer.block, layer.shape)
 
 
 def _lookup(sorted_units: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
@@ -428,7 +475,8 @@ def _survivors(old_units: Tensor, new_units: Tensor) -> tuple[Tensor, Tensor]:
 
 @register_backend
 class SparseBackend(Backend):
-    """Stored entries only, sparse kernels; ``nn.Linear`` layers on the CPU."""
+    """Stored entries only, sparse kernels; ``nn.Linear`` and Hugging Face ``Conv1D`` layers on
+    the CPU."""
 
     name = "sparse"
     fixed_capacity = True
@@ -437,7 +485,7 @@ class SparseBackend(Backend):
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, SparseLinear]] = []
-        self._originals: list[nn.Linear] = []
+        self._originals: list[nn.Module] = []
 
     def attach(
         self,
@@ -448,7 +496,8 @@ class SparseBackend(Backend):
         block_norm: str,
         reservoir: bool,
     ) -> list[SparseTensor]:
-        """Replace every sparse ``nn.Linear`` by a :class:`SparseLinear`; the tensors serve dense
+        """Replace every sparse ``nn.Linear`` (or HF ``Conv1D``) by a :class:`SparseLinear`; the
+        tensors serve dense
         host views until :meth:`finish_init` compacts what the method's ``init_masks`` wrote."""
         if block not in SUPPORTED_BLOCKS:
             raise ValueError(
@@ -463,23 +512,23 @@ class SparseBackend(Backend):
     ) -> SparseTensor:
         info = spec.info
         linear = model.get_submodule(info.module_name)
-        assert isinstance(linear, nn.Linear)
-        capacity = count_for_density(
-            linear.weight.numel() // (block * block), spec.capacity_density
-        )
+        capacity = count_for_density(math.prod(info.shape) // (block * block),
+                                     spec.capacity_density)  # fmt: skip
         layer = SparseLinear(linear, block, capacity, reservoir)
         parent_name, _, attr = info.module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer)
         self._swapped.append((parent, attr, layer))
         self._originals.append(linear)
-        weight = linear.weight.detach().clone()
+        dense = linear.weight
+        assert isinstance(dense, Tensor)
+        weight = dense.detach().clone()
         full = torch.ones_like(weight, dtype=torch.bool)
         storage = CompactStorage(layer, DenseStorage(weight, full, full.clone()))
         return SparseTensor(
             name=info.name, shape=info.shape, density=spec.density,
             backward_density=spec.backward_density, storage=storage, block=block,
-            block_norm=block_norm, module=layer, op="linear",
+            block_norm=block_norm, module=layer, op="linear_t" if layer.transposed else "linear",
         )  # fmt: skip
 
     def finish_init(self, tensors: Sequence[SparseTensor]) -> None:
@@ -499,8 +548,14 @@ class SparseBackend(Backend):
         return [m.values for m in model.modules() if isinstance(m, SparseLinear)]
 
     def export(self, model: nn.Module) -> None:
-        """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere."""
-        for parent, attr, layer in self._swapped:
+        """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere
+        (a replaced Conv1D: the original module object, holding a new weight)."""
+        for (parent, attr, layer), original in zip(self._swapped, self._originals, strict=True):
+            if layer.transposed:
+                original.weight = nn.Parameter(layer.dense_weight())
+                original.bias = layer.bias
+                setattr(parent, attr, original)
+                continue
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             with torch.no_grad():
                 linear.weight.copy_(layer.dense_weight())
@@ -525,14 +580,16 @@ def _check_supported(model: nn.Module, info: ParamInfo) -> None:
             "backend 'sparse' replaces sparse layers inside a model; the model itself is "
             f"a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
         )
-    if type(linear) is not nn.Linear or info.attr != "weight":
+    if (type(linear) is not nn.Linear and not is_hf_conv1d(linear)) or info.attr != "weight":
         raise ValueError(
-            f"backend 'sparse' supports nn.Linear weights; {info.name} belongs to "
-            f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
+            f"backend 'sparse' supports nn.Linear and Hugging Face Conv1D weights; {info.name} "
+            f"belongs to {type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
             "backend 'masked'"
         )
-    if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+    weight = linear.weight
+    assert isinstance(weight, Tensor)
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
         raise ValueError(
             f"backend 'sparse' kernels run on CPU float32; {info.name} is "
-            f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
+            f"{weight.dtype} on {weight.device}. Use backend 'masked'"
         )
