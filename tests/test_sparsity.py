@@ -98,10 +98,12 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path) -> None:
 
 
 def test_generator_state_matters_for_resume(tmp_path: Path) -> None:
-    # Without Sparsity.load_state_dict the random B\A diverges: the test above is not vacuous.
+    # Without the sparsity state the random B\A diverges: the test above is not vacuous.
+    # model.state_dict() carries it (keys "_alwayssparse.*"); drop them to leave it out.
     model, sp, opt = make_run(seed=3)
     train(model, sp, opt, range(5))
-    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    model_state = {k: v for k, v in model.state_dict().items() if "_alwayssparse." not in k}
+    state = {"model": model_state, "optim": opt.state_dict()}
     torch.save(state, tmp_path / "ckpt.pt")
     train(model, sp, opt, range(5, 7))
     fresh_model, fresh_sp, fresh_opt = make_run(model_seed=1, seed=99)
@@ -110,6 +112,21 @@ def test_generator_state_matters_for_resume(tmp_path: Path) -> None:
     fresh_opt.load_state_dict(ckpt["optim"])
     train(fresh_model, fresh_sp, fresh_opt, range(5, 7))
     assert any(not torch.equal(sp.masks()[n][1], fresh_sp.masks()[n][1]) for n in sp.masks())
+
+
+def test_model_state_dict_alone_resumes_exactly(tmp_path: Path) -> None:
+    # The sparsity state travels inside model.state_dict(): what any trainer checkpoints.
+    model, sp, opt = make_run(seed=3)
+    train(model, sp, opt, range(5))
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "ckpt.pt")
+    train(model, sp, opt, range(5, 9))
+    fresh_model, fresh_sp, fresh_opt = make_run(model_seed=1, seed=99)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh_model.load_state_dict(ckpt["model"])
+    fresh_opt.load_state_dict(ckpt["optim"])
+    assert fresh_sp.upcoming_step == 5
+    train(fresh_model, fresh_sp, fresh_opt, range(5, 9))
+    assert_same(sp, fresh_sp)
 
 
 def test_model_load_state_dict_alone_is_not_undone(tmp_path: Path) -> None:

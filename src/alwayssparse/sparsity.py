@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from alwayssparse.backends import BACKENDS, TensorSpec, make_backend
 from alwayssparse.capture import GradientCapture
+from alwayssparse.checkpoint import plain_state_dict, register_sparsity_state_hooks
 from alwayssparse.config import registry_sections, section_names, to_dict
 from alwayssparse.layout import (
     LayoutConfig,
@@ -200,6 +202,10 @@ class Sparsity:
         self.ever_active = {t.name: t.storage.dense_masks()[0].clone() for t in self.tensors}
         self._backend.after_update(self.tensors)
         self._prepare(0)
+        # model.state_dict() carries this object's state too (alwayssparse.checkpoint).
+        self._state_hooks = register_sparsity_state_hooks(
+            model, self.state_dict, self.load_state_dict, [t.name for t in self.tensors]
+        )
 
     def _specs(self) -> list[TensorSpec]:
         """Per sparse parameter, its target densities of A and B and the largest of B."""
@@ -297,6 +303,12 @@ class Sparsity:
                         "DistributedDataParallel (README: Multi-process training)"
                     )
 
+    @property
+    def upcoming_step(self) -> int:
+        """The step the next ``sparsity.step(step, optimizer)`` expects: the number of optimizer
+        steps taken (a trainer callback passes it; restored with a checkpoint)."""
+        return self._upcoming
+
     def _prepare(self, upcoming: int) -> None:
         """Get ready for optimizer step ``upcoming`` (capture its gradient if the method asks)."""
         self._upcoming = upcoming
@@ -348,9 +360,11 @@ class Sparsity:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """State not held by the model: the config and the generator.
+        """The config, the generator, the explored positions and the next step.
 
-        The masks are buffers of the model (``model.state_dict()`` holds them with the weights).
+        The masks are buffers of the model (``model.state_dict()`` holds them with the weights);
+        ``model.state_dict()`` also carries this state, under ``_alwayssparse.*`` keys, so that
+        any trainer's checkpoint of the model resumes exactly (:mod:`alwayssparse.checkpoint`).
         """
         return {
             "config": to_dict(self.config),
@@ -361,8 +375,9 @@ class Sparsity:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator after ``model.load_state_dict``; the configs must agree."""
-        saved = state["config"]
-        current = to_dict(self.config)
+        # Compared as JSON: a checkpoint may have carried the config as JSON text.
+        saved = json.loads(json.dumps(state["config"], sort_keys=True))
+        current = json.loads(json.dumps(to_dict(self.config), sort_keys=True))
         if saved != current:
             diff = sorted(k for k in current if saved.get(k) != current[k])
             raise ValueError(f"checkpoint sparsity config differs in {diff}")
@@ -371,6 +386,12 @@ class Sparsity:
             self.ever_active[name].copy_(mask)
         self._backend.after_update(self.tensors)
         self._prepare(int(state["upcoming_step"]))
+
+    def plain_state_dict(self) -> dict[str, Tensor]:
+        """The model's state dict as the exported model would hold it (``weight`` = theta on A,
+        no masks, stored values or sparsity state): for a plain model, e.g.
+        ``model.save_pretrained(dir, state_dict=sparsity.plain_state_dict())``."""
+        return plain_state_dict(self._model)
 
     def weight_parameters(self) -> list[Tensor]:
         """Parameters that are weight matrices whatever their shape (a sparse backend's stored
@@ -381,6 +402,9 @@ class Sparsity:
         """Remove the sparsity machinery, leaving plain weights equal to theta * A."""
         if self._capture is not None:
             self._capture.remove()
+        for handle in self._state_hooks:
+            handle.remove()
+        self._state_hooks.clear()
         self._backend.export(self._model)
 
 

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.backends.base import Backend, TensorSpec, register_backend, require_held
+from alwayssparse.checkpoint import register_weight_hooks
 from alwayssparse.layout import ParamInfo, is_hf_conv1d
 from alwayssparse.masks import (
     block_norms,
@@ -59,6 +60,7 @@ from alwayssparse.optim_state import ELEMENTWISE_STATE
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
+_STORED_KEYS = ("values", "units", "in_a", "reservoir")  # SparseLinear's state, values first
 
 
 def index_dtype(size: int) -> torch.dtype:
@@ -515,6 +517,9 @@ class SparseBackend(Backend):
         capacity = count_for_density(math.prod(info.shape) // (block * block),
                                      spec.capacity_density)  # fmt: skip
         layer = SparseLinear(linear, block, capacity, reservoir)
+        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.checkpoint.
+        register_weight_hooks(layer, "weight", layer.dense_weight, _STORED_KEYS,
+                              "sparse backend: stored values")  # fmt: skip
         parent_name, _, attr = info.module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer)
