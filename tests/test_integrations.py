@@ -9,6 +9,7 @@ from the trainers' own checkpoints must continue the run exactly.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,43 @@ def test_hf_trainer_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         assert torch.equal(resumed.masks()[name][0], a) and torch.equal(resumed.masks()[name][1], b)
     for t, u in zip(whole.tensors, resumed.tensors, strict=True):
         torch.testing.assert_close(u.weight, t.weight)
+
+
+# -- the README's examples -------------------------------------------------------------------
+
+
+def _readme_examples() -> dict[str, str]:
+    """The README's runnable ``py`` blocks, by the section they are in."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = {}
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = section.splitlines()[0].strip()
+        for i, block in enumerate(re.findall(r"```py\n(.*?)```", section, flags=re.S)):
+            blocks[f"{title} {i}"] = block
+    return blocks
+
+
+def test_readme_has_an_example_per_integration() -> None:
+    titles = {name.rsplit(" ", 1)[0] for name in _readme_examples()}
+    assert titles == {"Hugging Face models and checkpoints", "PyTorch Lightning",
+                      "Hugging Face Trainer", "Sparse export and inference"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_readme_examples()))
+def test_readme_example_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write their checkpoints into the working directory
+    torch.manual_seed(0)
+    namespace: dict[str, Any] = {}
+    exec(compile(_readme_examples()[name], f"README: {name}", "exec"), namespace)
+    if "sparsity" in namespace and name.startswith("Hugging Face models"):
+        ids = torch.randint(0, 256, (2, 8))
+        model, plain = namespace["model"].eval(), namespace["plain"].eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, model(ids).logits)
+    if "sparse" in namespace and hasattr(namespace["sparse"], "sparsity"):
+        densities = namespace["sparse"].sparsity.densities().values()
+        assert all(forward == pytest.approx(0.1, abs=0.01) for forward, _ in densities)
+    if name.startswith("Hugging Face Trainer"):
+        assert (tmp_path / "gpt2-trainer" / "checkpoint-10" / "model.safetensors").exists()
+    if name.startswith("Sparse export"):
+        assert namespace["logits"].shape == (1, 16, 256)
