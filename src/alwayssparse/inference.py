@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.backends.base import layer_op
-from alwayssparse.checkpoint import STATE_PREFIX, plain_state_dict
+from alwayssparse.state_dicts import STATE_PREFIX, plain_state_dict
 
 if TYPE_CHECKING:
     from alwayssparse.sparsity import Sparsity

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from alwayssparse.backends import BACKENDS, TensorSpec, make_backend
 from alwayssparse.capture import GradientCapture
-from alwayssparse.checkpoint import plain_state_dict, register_sparsity_state_hooks
 from alwayssparse.config import registry_sections, section_names, to_dict
 from alwayssparse.layout import (
     LayoutConfig,
@@ -40,6 +39,7 @@ from alwayssparse.masks import BLOCK_NORMS, check_block_shape
 from alwayssparse.methods import METHODS, Method
 from alwayssparse.optim_state import check_optimizer
 from alwayssparse.regularizers import apply_group_lasso
+from alwayssparse.state_dicts import plain_state_dict, register_sparsity_state_hooks
 
 
 @registry_sections(METHODS, lambda method: method)
@@ -202,7 +202,7 @@ class Sparsity:
         self.ever_active = {t.name: t.storage.dense_masks()[0].clone() for t in self.tensors}
         self._backend.after_update(self.tensors)
         self._prepare(0)
-        # model.state_dict() carries this object's state too (alwayssparse.checkpoint).
+        # model.state_dict() carries this object's state too (alwayssparse.state_dicts).
         self._state_hooks = register_sparsity_state_hooks(
             model, self.state_dict, self.load_state_dict, [t.name for t in self.tensors]
         )
@@ -364,7 +364,7 @@ class Sparsity:
 
         The masks are buffers of the model (``model.state_dict()`` holds them with the weights);
         ``model.state_dict()`` also carries this state, under ``_alwayssparse.*`` keys, so that
-        any trainer's checkpoint of the model resumes exactly (:mod:`alwayssparse.checkpoint`).
+        any trainer's checkpoint of the model resumes exactly (:mod:`alwayssparse.state_dicts`).
         """
         return {
             "config": to_dict(self.config),

@@ -6,7 +6,7 @@ Backward: dL/dtheta = dL/dalpha * B  (gradient only on the backward set B ⊇ A)
 The masks are installed with :mod:`torch.nn.utils.parametrize`, so ``module.weight`` is alpha for
 every layer type, the masks are buffers of the parametrization (saved in ``state_dict`` and moved
 by ``.to()``), and the user's optimizer keeps optimizing the original parameter object. The state
-dict also holds ``layer.weight`` = alpha, the plain layer's key (:mod:`alwayssparse.checkpoint`).
+dict also holds ``layer.weight`` = alpha, the plain layer's key (:mod:`alwayssparse.state_dicts`).
 
 A zero gradient is not enough to keep theta outside B fixed: weight decay, momentum and Adam's
 running averages all move it. The backend therefore snapshots theta after every mask update and,
@@ -34,9 +34,9 @@ from alwayssparse.backends.base import (
     register_parametrization,
     remove_parametrization,
 )
-from alwayssparse.checkpoint import register_weight_hooks
 from alwayssparse.optim_state import zero_state
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
+from alwayssparse.state_dicts import register_weight_hooks
 
 
 class _ApplyMasks(torch.autograd.Function):
@@ -160,7 +160,7 @@ class MaskedBackend(Backend):
         plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
         plist.register_load_state_dict_post_hook(_resnapshot_after_load)
         self._attached.append((module, info.attr))
-        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.checkpoint.
+        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.state_dicts.
         self._hooks += register_weight_hooks(
             module, info.attr, lambda: getattr(module, info.attr),
             (f"parametrizations.{info.attr}.",), "masked backend: theta and masks",

@@ -46,7 +46,6 @@ from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.backends.base import Backend, TensorSpec, register_backend, require_held
-from alwayssparse.checkpoint import register_weight_hooks
 from alwayssparse.layout import ParamInfo, is_hf_conv1d
 from alwayssparse.masks import (
     block_norms,
@@ -58,6 +57,7 @@ from alwayssparse.masks import (
 )
 from alwayssparse.optim_state import ELEMENTWISE_STATE
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
+from alwayssparse.state_dicts import register_weight_hooks
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
 _STORED_KEYS = ("values", "units", "in_a", "reservoir")  # SparseLinear's state, values first
@@ -517,7 +517,7 @@ class SparseBackend(Backend):
         capacity = count_for_density(math.prod(info.shape) // (block * block),
                                      spec.capacity_density)  # fmt: skip
         layer = SparseLinear(linear, block, capacity, reservoir)
-        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.checkpoint.
+        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.state_dicts.
         register_weight_hooks(layer, "weight", layer.dense_weight, _STORED_KEYS,
                               "sparse backend: stored values")  # fmt: skip
         parent_name, _, attr = info.module_name.rpartition(".")

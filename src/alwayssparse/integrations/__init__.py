@@ -17,7 +17,7 @@ training step:
    on the optimizer: a step skipped by a mixed-precision scaler is no step).
 
 Checkpoints need nothing: the model's state dict carries the masks and the sparsity state
-(:mod:`alwayssparse.checkpoint`), so the trainers' own checkpoints resume exactly.
+(:mod:`alwayssparse.state_dicts`), so the trainers' own checkpoints resume exactly.
 
 The classes are imported on first use, so importing this package needs neither library.
 """

@@ -1,4 +1,4 @@
-"""Checkpoints through the ecosystem's own paths: ``model.state_dict()``, ``save_pretrained``.
+"""State dicts of sparse models through the ecosystem's paths: state_dict(), save_pretrained.
 
 A model under :class:`~alwayssparse.Sparsity` keeps its sparse weights in the backend's form
 (the masked backend: ``layer.parametrizations.weight.original`` and the masks; the sparse
@@ -136,6 +136,7 @@ def register_sparsity_state_hooks(
         prefix: str,
         *_args: Any,
     ) -> None:
+        pending.clear()  # what an earlier, failed load left
         start = prefix + STATE_PREFIX
         found = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(start)]}
         if found:
