@@ -1,5 +1,6 @@
 """alwayssparse: neural networks that stay sparse from the first training step to the last."""
 
+from alwayssparse.inference import load
 from alwayssparse.layout import LayoutConfig
 from alwayssparse.methods import METHODS, Method, Static, TopKAST
 from alwayssparse.sparsity import Sparsity, SparsityConfig
@@ -15,4 +16,5 @@ __all__ = [
     "Static",
     "TopKAST",
     "__version__",
+    "load",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``alwayssparse train|sweep|report|config|presets|methods``.
+"""Command line: ``alwayssparse train|sweep|report|export|config|presets|methods``.
 
 Each subcommand is a short function that turns arguments into a config and calls the library.
 Configuration changes are dotted ``key=value`` overrides (``model.n_layer=4``,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -120,6 +121,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's trained model as safetensors (compressed CSR/BSR or dense)."""
+    from alwayssparse.inference import export_run
+
+    header = export_run(args.run_dir, args.out, storage=args.storage)
+    sparse = header["tensors"]
+    stored = sum(entry["nnz"] for entry in sparse.values())
+    total = sum(math.prod(entry["shape"]) for entry in sparse.values())
+    print(f"{args.out}: {len(sparse)} sparse weights ({stored:,} of {total:,} entries stored, "
+          f"{args.storage}), {Path(args.out).stat().st_size:,} bytes")  # fmt: skip
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(to_dict(build_config(args)), indent=2))
     return 0
@@ -199,6 +213,13 @@ def make_parser() -> argparse.ArgumentParser:
     p_report = sub.add_parser("report", help="(re)write the report of a run or a sweep")
     p_report.add_argument("directory", help="a run directory or a sweep directory")
     p_report.set_defaults(func=cmd_report)
+    p_export = sub.add_parser("export", help="write a run's model as sparse safetensors")
+    p_export.add_argument("run_dir", help="a run directory (config.json, checkpoint.pt)")
+    p_export.add_argument("out", help="the .safetensors file to write")
+    p_export.add_argument("--storage", choices=["compressed", "dense"], default="compressed",
+                          help="compressed: values + int32 indices (CSR/BSR); dense: zeros "
+                          "outside A")  # fmt: skip
+    p_export.set_defaults(func=cmd_export)
     p_config = sub.add_parser("config", help="print the resolved configuration")
     _add_run_options(p_config)
     p_config.set_defaults(func=cmd_config)

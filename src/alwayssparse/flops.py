@@ -5,8 +5,9 @@ density f costs 2 * B * I * O * f FLOPs (a multiply-add is 2), and a training st
 pass, an input-gradient pass and a weight-gradient pass. The ledger applies that convention to the
 shapes it *measures* on the model and the densities the masks *hold* at each forward pass.
 
-What is counted, per call of a weight layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, the sparse
-backend's ``SparseLinear``), with R the rows (Linear: ``output.numel() / out_features``) or output
+What is counted, per call of a weight layer (``nn.Linear``, Hugging Face ``Conv1D``,
+``nn.Conv1d/2d/3d``, the sparse backend's ``SparseLinear``), with R the rows (Linear and Conv1D:
+``output.numel() / out_features``) or output
 positions (Conv: ``output.numel() / out_channels``, read from the actual output, so stride,
 padding, dilation and groups are accounted for) and M the multiply-adds per row at density 1
 (``in * out``, or ``(C_in / groups) * prod(kernel) * C_out``):
@@ -369,7 +370,12 @@ class _Layer:
         self.name, self.module, self.kind, self.in_scope = name, module, kind, in_scope
         self.tensor = tensor
         if tensor is not None:
-            self.out_size, self.numel = tensor.shape[0], math.prod(tensor.shape)
+            # Outputs per row: the weight's first dim, its second for W stored (in, out).
+            self.out_size = tensor.shape[1] if kind == "linear_t" else tensor.shape[0]
+            self.numel = math.prod(tensor.shape)
+        elif kind == "linear_t":  # Hugging Face Conv1D: y = x W, W (nx, nf)
+            self.out_size = int(module.nf)  # type: ignore[arg-type]
+            self.numel = int(module.nx) * self.out_size  # type: ignore[arg-type]
         elif kind == "linear":
             self.out_size = int(module.out_features)  # type: ignore[arg-type]
             self.numel = int(module.in_features) * self.out_size  # type: ignore[arg-type]
@@ -639,7 +645,8 @@ class FlopLedger:
                 raise ValueError(
                     f"sparse tensor {t.name} belongs to a {type(t.module).__name__}, whose "
                     "products the ledger cannot count at its density; supported: nn.Linear, "
-                    "nn.Conv1d/2d/3d (and embedding lookups, which cost no FLOPs)"
+                    "Hugging Face Conv1D, nn.Conv1d/2d/3d (and embedding lookups, which cost no "
+                    "FLOPs)"
                 )
 
     def remove(self) -> None:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -96,6 +96,23 @@ class ParamInfo:
         return math.prod(self.shape)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``Conv1D`` (``transformers.pytorch_utils.Conv1D``,
+    GPT-2's layers): a Linear whose weight is stored (in, out), y = x @ W + b.
+
+    Duck-typed, so that the core never imports ``transformers``: a class named ``Conv1D`` (or a
+    subclass of one, such as parametrize's generated class) with integer ``nx`` and ``nf`` whose
+    ``weight`` has shape ``(nx, nf)``.
+    """
+    if not any(cls.__name__ == "Conv1D" for cls in type(module).__mro__):
+        return False
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    if not (isinstance(nx, int) and isinstance(nf, int)):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and tuple(weight.shape) == (nx, nf)
+
+
 def _default_class(module: nn.Module, attr: str) -> tuple[bool, str]:
     if isinstance(module, _EMBEDDING_MODULES):
         return False, "embedding"
@@ -105,6 +122,8 @@ def _default_class(module: nn.Module, attr: str) -> tuple[bool, str]:
         return False, "bias"
     if isinstance(module, _SPARSE_MODULES) and attr == "weight":
         return True, type(module).__name__.lower()
+    if attr == "weight" and is_hf_conv1d(module):
+        return True, "conv1d (hf, in x out)"
     return False, "other"
 
 
@@ -131,7 +150,8 @@ def _check_patterns(patterns: Sequence[str], names: Sequence[str], field_name: s
 def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
     """Classify every parameter of ``model`` as sparse or dense.
 
-    Linear and Conv weights are sparse by default; biases, norm parameters, embeddings and any
+    Linear and Conv weights (``nn.Linear``, ``nn.Conv1d/2d/3d`` grouped and depthwise included,
+    Hugging Face ``Conv1D``) are sparse by default; biases, norm parameters, embeddings and any
     other parameter are dense. A parameter shared by several modules (tied weights) is dense if
     any owner is an embedding; sharing a sparse weight between modules is not supported.
 
@@ -174,8 +194,32 @@ def classify(model: nn.Module, config: LayoutConfig) -> list[ParamInfo]:
         infos.append(ParamInfo(name, module_name, attr, tuple(param.shape), sparse, reason))
     _check_complete(model, infos)
     if not any(i.sparse for i in infos):
-        raise ValueError("the layout makes no parameter sparse; nothing to train sparsely")
+        raise ValueError(_nothing_sparse_message(model, infos, owners))
     return infos
+
+
+def _nothing_sparse_message(
+    model: nn.Module,
+    infos: Sequence[ParamInfo],
+    owners: dict[int, list[tuple[str, nn.Module, str]]],
+) -> str:
+    """Why nothing is sparse, naming the module types whose weights were classed "other"."""
+    message = "the layout makes no parameter sparse; nothing to train sparsely"
+    params = dict(model.named_parameters())
+    others: dict[str, list[str]] = {}
+    for info in infos:
+        if info.reason == "other" and len(info.shape) >= 2:
+            module = owners[id(params[info.name])][0][1]
+            others.setdefault(type(module).__name__, []).append(info.name)
+    if others:
+        kinds = "; ".join(f"{kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                          for kind, names in others.items())  # fmt: skip
+        message += (
+            f". Sparse by default are the weights of nn.Linear, nn.Conv1d/2d/3d and Hugging "
+            f"Face Conv1D; these matrices belong to other module types: {kinds}. Make them "
+            "sparse with layout.sparse_patterns (masked backend)"
+        )
+    return message
 
 
 def dense_layout(model: nn.Module) -> list[ParamInfo]:

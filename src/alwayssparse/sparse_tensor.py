@@ -266,7 +266,9 @@ class SparseTensor:
         block_norm: Block importance: ``"l1"``, ``"l2"`` or ``"linf"`` (dynsparse-bert eq. 1).
         module: The layer that computes with the weight (RigL's capture, the FLOP ledger).
         op: What that layer computes with it: ``"linear"`` (y = x W^T, incl. a sparse backend's
-            layer) or ``"conv1d"``/``"conv2d"``/``"conv3d"``; ``None`` for anything else.
+            layer), ``"linear_t"`` (y = x W with W stored (in, out), Hugging Face ``Conv1D``; its
+            block grid and gradient rows are those of W as stored, rows = inputs) or
+            ``"conv1d"``/``"conv2d"``/``"conv3d"`` (any ``groups``); ``None`` for anything else.
         gradient_rows: Where the dense weight gradient comes from, one chunk of rows at a time
             (set by :class:`~alwayssparse.Sparsity` for methods that rank by it; else ``None``).
     """

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from alwayssparse.masks import BLOCK_NORMS, check_block_shape
 from alwayssparse.methods import METHODS, Method
 from alwayssparse.optim_state import check_optimizer
 from alwayssparse.regularizers import apply_group_lasso
+from alwayssparse.state_dicts import plain_state_dict, register_sparsity_state_hooks
 
 
 @registry_sections(METHODS, lambda method: method)
@@ -200,6 +202,10 @@ class Sparsity:
         self.ever_active = {t.name: t.storage.dense_masks()[0].clone() for t in self.tensors}
         self._backend.after_update(self.tensors)
         self._prepare(0)
+        # model.state_dict() carries this object's state too (alwayssparse.state_dicts).
+        self._state_hooks = register_sparsity_state_hooks(
+            model, self.state_dict, self.load_state_dict, [t.name for t in self.tensors]
+        )
 
     def _specs(self) -> list[TensorSpec]:
         """Per sparse parameter, its target densities of A and B and the largest of B."""
@@ -297,6 +303,12 @@ class Sparsity:
                         "DistributedDataParallel (README: Multi-process training)"
                     )
 
+    @property
+    def upcoming_step(self) -> int:
+        """The step the next ``sparsity.step(step, optimizer)`` expects: the number of optimizer
+        steps taken (a trainer callback passes it; restored with a checkpoint)."""
+        return self._upcoming
+
     def _prepare(self, upcoming: int) -> None:
         """Get ready for optimizer step ``upcoming`` (capture its gradient if the method asks)."""
         self._upcoming = upcoming
@@ -348,9 +360,11 @@ class Sparsity:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """State not held by the model: the config and the generator.
+        """The config, the generator, the explored positions and the next step.
 
-        The masks are buffers of the model (``model.state_dict()`` holds them with the weights).
+        The masks are buffers of the model (``model.state_dict()`` holds them with the weights);
+        ``model.state_dict()`` also carries this state, under ``_alwayssparse.*`` keys, so that
+        any trainer's checkpoint of the model resumes exactly (:mod:`alwayssparse.state_dicts`).
         """
         return {
             "config": to_dict(self.config),
@@ -362,7 +376,9 @@ class Sparsity:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator after ``model.load_state_dict``; the configs must agree (the
         sections of methods not registered in this process aside: they configure nothing)."""
-        current, saved = to_dict(self.config), state["config"]
+        # Compared as JSON: a checkpoint may have carried the config as JSON text.
+        saved = json.loads(json.dumps(state["config"], sort_keys=True))
+        current = json.loads(json.dumps(to_dict(self.config), sort_keys=True))
         sections = set(section_names(self.config))
         # A section present on one side only belongs to a method registered there only.
         diff = sorted(
@@ -377,6 +393,12 @@ class Sparsity:
         self._backend.after_update(self.tensors)
         self._prepare(int(state["upcoming_step"]))
 
+    def plain_state_dict(self) -> dict[str, Tensor]:
+        """The model's state dict as the exported model would hold it (``weight`` = theta on A,
+        no masks, stored values or sparsity state): for a plain model, e.g.
+        ``model.save_pretrained(dir, state_dict=sparsity.plain_state_dict())``."""
+        return plain_state_dict(self._model)
+
     def weight_parameters(self) -> list[Tensor]:
         """Parameters that are weight matrices whatever their shape (a sparse backend's stored
         values are 1-D); an optimizer applies weight decay to them as to every 2-D one."""
@@ -386,6 +408,9 @@ class Sparsity:
         """Remove the sparsity machinery, leaving plain weights equal to theta * A."""
         if self._capture is not None:
             self._capture.remove()
+        for handle in self._state_hooks:
+            handle.remove()
+        self._state_hooks.clear()
         self._backend.export(self._model)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from alwayssparse.layout import ParamInfo
+from alwayssparse.layout import ParamInfo, is_hf_conv1d
 from alwayssparse.sparse_tensor import SparseTensor
 
 _CONV_OPS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
@@ -122,10 +122,14 @@ class Backend(ABC):
 
 
 def layer_op(module: nn.Module) -> str | None:
-    """What a layer computes with its weight: ``"linear"``, ``"conv1d/2d/3d"`` or ``None``."""
+    """What a layer computes with its weight: ``"linear"`` (y = x W^T, W stored (out, in)),
+    ``"linear_t"`` (y = x W, W stored (in, out): Hugging Face ``Conv1D``), ``"conv1d/2d/3d"``
+    (any ``groups``) or ``None``."""
     # isinstance, not type(): parametrize turns a layer into a generated subclass.
     if isinstance(module, nn.Linear):
         return "linear"
+    if is_hf_conv1d(module):
+        return "linear_t"
     return next((op for cls, op in _CONV_OPS.items() if isinstance(module, cls)), None)
 
 

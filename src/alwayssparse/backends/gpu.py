@@ -76,7 +76,7 @@ class BlockSparseLinear(CompactLinear):
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: nn.Module,
         block: int,
         capacity: int,
         reservoir: bool,
@@ -148,7 +148,7 @@ class GpuBackend(CompactBackend):
     reservoir_on_host: bool = True
 
     def make_layer(
-        self, linear: nn.Linear, block: int, capacity: int, reservoir: bool
+        self, linear: nn.Module, block: int, capacity: int, reservoir: bool
     ) -> CompactLinear:
         return BlockSparseLinear(linear, block, capacity, reservoir, self.reservoir_on_host)
 
@@ -160,9 +160,10 @@ class GpuBackend(CompactBackend):
                 "triton` (CUDA builds of PyTorch ship it), or use backend 'masked' or 'sparse'"
             )
 
-    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Linear:
+    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Module:
         linear = super().check_layer(model, info)
         weight = linear.weight
+        assert isinstance(weight, Tensor)
         if weight.dtype not in DTYPES:
             raise ValueError(
                 f"backend 'gpu' kernels take float32, bfloat16 or float16 weights; {info.name} "

@@ -5,7 +5,8 @@ Backward: dL/dtheta = dL/dalpha * B  (gradient only on the backward set B ⊇ A)
 
 The masks are installed with :mod:`torch.nn.utils.parametrize`, so ``module.weight`` is alpha for
 every layer type, the masks are buffers of the parametrization (saved in ``state_dict`` and moved
-by ``.to()``), and the user's optimizer keeps optimizing the original parameter object.
+by ``.to()``), and the user's optimizer keeps optimizing the original parameter object. The state
+dict also holds ``layer.weight`` = alpha, the plain layer's key (:mod:`alwayssparse.state_dicts`).
 
 A zero gradient is not enough to keep theta outside B fixed: weight decay, momentum and Adam's
 running averages all move it. The backend therefore snapshots theta after every mask update and,
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from alwayssparse.backends.base import (
     Backend,
@@ -34,6 +36,7 @@ from alwayssparse.backends.base import (
 )
 from alwayssparse.optim_state import zero_state
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
+from alwayssparse.state_dicts import register_weight_hooks
 
 
 class _ApplyMasks(torch.autograd.Function):
@@ -126,6 +129,7 @@ class MaskedBackend(Backend):
 
     def __init__(self) -> None:
         self._attached: list[tuple[nn.Module, str]] = []
+        self._hooks: list[RemovableHandle] = []
 
     def attach(
         self,
@@ -156,6 +160,11 @@ class MaskedBackend(Backend):
         plist: nn.Module = module.parametrizations[info.attr]  # type: ignore[index,assignment]
         plist.register_load_state_dict_post_hook(_resnapshot_after_load)
         self._attached.append((module, info.attr))
+        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.state_dicts.
+        self._hooks += register_weight_hooks(
+            module, info.attr, lambda: getattr(module, info.attr),
+            (f"parametrizations.{info.attr}.",), "masked backend: theta and masks",
+        )  # fmt: skip
         return SparseTensor(
             name=info.name, shape=info.shape, density=spec.density,
             backward_density=spec.backward_density, storage=_MaskedStorage(plist), block=block,
@@ -185,6 +194,9 @@ class MaskedBackend(Backend):
         self._remove(leave_parametrized=False)
 
     def _remove(self, leave_parametrized: bool) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         for module, attr in reversed(self._attached):
             remove_parametrization(module, attr, leave_parametrized)
         self._attached.clear()

@@ -41,16 +41,17 @@ its device; :class:`CompactBackend` attaches, compacts and exports any of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from alwayssparse import kernels
 from alwayssparse.backends.base import Backend, TensorSpec, register_backend, require_held
-from alwayssparse.layout import ParamInfo
+from alwayssparse.layout import ParamInfo, is_hf_conv1d
 from alwayssparse.masks import (
     block_norms,
     count_for_density,
@@ -61,8 +62,10 @@ from alwayssparse.masks import (
 )
 from alwayssparse.optim_state import ELEMENTWISE_STATE
 from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
+from alwayssparse.state_dicts import register_weight_hooks
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
+_STORED_KEYS = ("values", "units", "in_a", "reservoir")  # SparseLinear's state, values first
 
 
 def index_dtype(size: int) -> torch.dtype:
@@ -98,12 +101,27 @@ class CompactLinear(nn.Module):
     per topology and dropped by :meth:`invalidate`. Index tensors, values and slot masks live on
     the layer's device; the reservoir where it was created (a subclass may pin it to the host).
 
+    It answers what code reads from the layer it replaced: ``in_features``, ``out_features``,
+    ``bias`` (the same parameter object) and ``weight``, a *dense copy* of theta on A built on
+    every access (detached; right ``shape``, ``dtype`` and ``device``; costs a weight-sized
+    tensor, so read it for inspection, not in a loop), and for a Hugging Face ``Conv1D`` also
+    ``nx`` and ``nf``.
+
     Args:
-        linear: The dense layer it replaces (its bias parameter object is kept).
+        linear: The dense layer it replaces (its bias parameter object is kept): an
+            ``nn.Linear``, or a Hugging Face ``Conv1D`` (y = x W + b with W stored (in, out)).
+            A Conv1D's W is stored as it is, over its (in, out) rows, so that the block grid,
+            the unit indices and hence every mask are those of the masked backend; the products
+            swap roles (forward by the transposed kernel, input gradient by the plain one).
         block: Unit edge b.
         capacity: Number of stored units (slots), fixed for the run.
         reservoir: Keep theta of the whole tensor (Top-KAST's set C).
         reservoir_device: Where the reservoir lives (default: the host).
+
+    Attributes:
+        transposed: Whether W is stored (in, out) (a replaced Conv1D); ``weight`` then has that
+            shape too.
+        shape: The stored matrix: (out, in), or (in, out) when ``transposed``.
     """
 
     values: Tensor
@@ -112,23 +130,30 @@ class CompactLinear(nn.Module):
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: nn.Module,
         block: int,
         capacity: int,
         reservoir: bool,
         reservoir_device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.block = (
-            linear.in_features,
-            linear.out_features,
-            block,
-        )
-        self.grid = (linear.out_features // block, linear.in_features // block)
-        weight = linear.weight.detach()
+        self.transposed = is_hf_conv1d(linear)
+        if self.transposed:
+            in_features, out_features = int(linear.nx), int(linear.nf)  # type: ignore[arg-type]
+            self.nx, self.nf = in_features, out_features
+            self.shape = (in_features, out_features)
+        else:
+            in_features = int(linear.in_features)  # type: ignore[arg-type]
+            out_features = int(linear.out_features)  # type: ignore[arg-type]
+            self.shape = (out_features, in_features)
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.grid = (self.shape[0] // block, self.shape[1] // block)
+        weight, bias = linear.weight, linear.bias
+        assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, nn.Parameter))
+        weight = weight.detach()
         shape = (capacity,) if block == 1 else (capacity * block, block)
         self.values = nn.Parameter(weight.new_zeros(shape))
-        self.bias = linear.bias
+        self.bias = bias
         self.index_dtype = index_dtype(max(self.grid[0] * self.grid[1], capacity))
         device = weight.device
         self.register_buffer(
@@ -190,10 +215,17 @@ class CompactLinear(nn.Module):
             y = y.add_(self.bias)  # in place: the kernel's output is fresh and not saved
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> Tensor:
+        """theta on A as a dense tensor of the replaced layer's weight shape: a new detached
+        copy on every access (what ``nn.Linear`` code reads: ``weight.dtype``, ``.shape``...)."""
+        return self.dense_weight()
+
     def dense_weight(self, only_a: bool = True) -> Tensor:
-        """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
+        """theta on A (or on every stored unit) as a dense tensor of shape ``self.shape``
+        ((out, in); (in, out) for a replaced Conv1D) (for export/tests)."""
         slots = self.stored_slots(only_a)
-        weight = self.values.new_zeros(self.out_features, self.in_features)
+        weight = self.values.new_zeros(self.shape)
         write_units(weight, self.units[slots], self.block, self.tiles().detach()[slots])
         return weight
 
@@ -213,6 +245,7 @@ class CompactLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"block={self.block}, capacity={self.capacity}"
+            + (", transposed=True" if self.transposed else "")
         )
 
 
@@ -226,7 +259,7 @@ class SparseLinear(CompactLinear):
         reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
     """
 
-    def __init__(self, linear: nn.Linear, block: int, capacity: int, reservoir: bool) -> None:
+    def __init__(self, linear: nn.Module, block: int, capacity: int, reservoir: bool) -> None:
         super().__init__(linear, block, capacity, reservoir)
         self._patterns: tuple[_Pattern, _Pattern] | None = None
 
@@ -240,10 +273,11 @@ class SparseLinear(CompactLinear):
             live = torch.arange(self.stored(), dtype=self.index_dtype)
             in_a = live[self.in_a[: live.numel()]]
             a_ptr, a_cols = _compress(self.units[in_a], *self.grid)
+            cols = self.shape[1]
             if self.block == 1:
-                a_t = kernels.csr_transpose(a_ptr, a_cols, self.in_features)
+                a_t = kernels.csr_transpose(a_ptr, a_cols, cols)
             else:
-                a_t = kernels.bsr_transpose(a_ptr, a_cols, self.in_features, self.block)
+                a_t = kernels.bsr_transpose(a_ptr, a_cols, cols, self.block)
             pattern_a = _Pattern(in_a, a_ptr, a_cols, a_t)
             if in_a.numel() == live.numel():
                 # A = B (every method but Top-KAST): one set of index arrays serves both.
@@ -259,7 +293,9 @@ class SparseLinear(CompactLinear):
 
 class _SparseLinearFunction(torch.autograd.Function):
     """y = x @ W_A^T with W given by ``values``; gradients: x by the transposed product over A,
-    ``values`` by the sampled product at every stored (B) slot."""
+    ``values`` by the sampled product at every stored (B) slot. For W stored (in, out)
+    (``layer.transposed``): y = x @ W_A by the transposed product, x's gradient by the plain one,
+    and W's gradient x^T grad_y sampled at B."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, layer: SparseLinear) -> Tensor:
@@ -271,12 +307,9 @@ class _SparseLinearFunction(torch.autograd.Function):
         a_values = tiles[:n_a] if same else tiles[pattern_a.slots]
         ctx.save_for_backward(x, a_values)
         ctx.layer, ctx.patterns = layer, (pattern_a, pattern_b)
-        if layer.block == 1:
-            return kernels.csr_matmul(pattern_a.row_ptr, pattern_a.cols, a_values, x,
-                                      layer.out_features)  # fmt: skip
-        return kernels.bsr_matmul(
-            pattern_a.row_ptr, pattern_a.cols, a_values, x, layer.out_features
-        )
+        if layer.transposed:
+            return _product_t(layer, pattern_a, a_values, x)
+        return _product(layer, pattern_a, a_values, x)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -286,14 +319,17 @@ class _SparseLinearFunction(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            product = kernels.csr_matmul_t if layer.block == 1 else kernels.bsr_matmul_t
-            grad_x = product(pattern_a.row_ptr, pattern_a.cols, a_values, grad_y,
-                             layer.in_features, transpose=pattern_a.transpose)  # fmt: skip
-        if ctx.needs_input_grad[1]:
-            if layer.block == 1:
-                sampled = kernels.csr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, grad_y, x)
+            if layer.transposed:
+                grad_x = _product(layer, pattern_a, a_values, grad_y)
             else:
-                sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, grad_y, x,
+                grad_x = _product_t(layer, pattern_a, a_values, grad_y)
+        if ctx.needs_input_grad[1]:
+            # Sampled (rows side)^T @ (columns side) of the stored matrix at B's positions.
+            left, right = (x, grad_y) if layer.transposed else (grad_y, x)
+            if layer.block == 1:
+                sampled = kernels.csr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right)
+            else:
+                sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right,
                                                    block_size=layer.block)  # fmt: skip
             # Used slots come first in unit order, so B's slots are 0..n-1.
             if sampled.numel() == layer.values.numel():
@@ -302,6 +338,20 @@ class _SparseLinearFunction(torch.autograd.Function):
                 grad_values = torch.zeros_like(layer.values)
                 grad_values.view(-1)[: sampled.numel()] = sampled.view(-1)
         return grad_x, grad_values, None
+
+
+def _product(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
+    """x @ M^T for the stored matrix M (rows x cols) over ``pattern``: (N, rows)."""
+    if layer.block == 1:
+        return kernels.csr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
+    return kernels.bsr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
+
+
+def _product_t(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
+    """x @ M for the stored matrix M (rows x cols) over ``pattern``: (N, cols)."""
+    product = kernels.csr_matmul_t if layer.block == 1 else kernels.bsr_matmul_t
+    return product(pattern.row_ptr, pattern.cols, values, x, layer.shape[1],
+                   transpose=pattern.transpose)  # fmt: skip
 
 
 class CompactStorage(UnitStorage):
@@ -474,9 +524,7 @@ class CompactStorage(UnitStorage):
 def _unit_mask(layer: CompactLinear, slots: Tensor) -> Tensor:
     grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool, device=layer.units.device)
     grid[layer.units[slots]] = True
-    return expand_blocks(
-        grid.view(layer.grid), layer.block, (layer.out_features, layer.in_features)
-    )
+    return expand_blocks(grid.view(layer.grid), layer.block, layer.shape)
 
 
 def _lookup(sorted_units: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
@@ -498,17 +546,20 @@ class CompactBackend(Backend):
     served by a :class:`CompactStorage` (not registered itself).
 
     A subclass names itself, sets the class attributes of :class:`Backend`, builds its layer
-    (:meth:`make_layer`) and says what it supports (:meth:`check_layer`, :meth:`check_block`).
+    (:meth:`make_layer`) and says what it supports (:meth:`check_layer`, :meth:`check_block`,
+    ``conv1d``: whether it takes Hugging Face ``Conv1D`` layers too).
     """
+
+    conv1d: ClassVar[bool] = False
 
     fixed_capacity = True
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, CompactLinear]] = []
-        self._originals: list[nn.Linear] = []
+        self._originals: list[nn.Module] = []
 
     def make_layer(
-        self, linear: nn.Linear, block: int, capacity: int, reservoir: bool
+        self, linear: nn.Module, block: int, capacity: int, reservoir: bool
     ) -> CompactLinear:
         """The layer replacing ``linear`` (with ``capacity`` slots of ``block`` x ``block``)."""
         raise NotImplementedError
@@ -521,18 +572,21 @@ class CompactBackend(Backend):
                 f"backend {self.name!r} supports block_size in {list(blocks)}, got {block}"
             )
 
-    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Linear:
-        """Raise ``ValueError`` unless ``info`` is the weight of a plain ``nn.Linear`` inside
-        ``model``; return that layer (subclasses add device and dtype checks)."""
+    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Module:
+        """Raise ``ValueError`` unless ``info`` is the weight of a plain ``nn.Linear`` (or, with
+        ``conv1d``, a Hugging Face ``Conv1D``) inside ``model``; return that layer (subclasses
+        add device and dtype checks)."""
         linear = model.get_submodule(info.module_name)
         if not info.module_name:
             raise ValueError(
                 f"backend {self.name!r} replaces sparse layers inside a model; the model itself "
                 f"is a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
             )
-        if type(linear) is not nn.Linear or info.attr != "weight":
+        supported = type(linear) is nn.Linear or (self.conv1d and is_hf_conv1d(linear))
+        if not supported or info.attr != "weight":
+            kinds = "nn.Linear and Hugging Face Conv1D" if self.conv1d else "nn.Linear"
             raise ValueError(
-                f"backend {self.name!r} supports nn.Linear weights; {info.name} belongs to "
+                f"backend {self.name!r} supports {kinds} weights; {info.name} belongs to "
                 f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
                 "backend 'masked'"
             )
@@ -547,8 +601,9 @@ class CompactBackend(Backend):
         block_norm: str,
         reservoir: bool,
     ) -> list[SparseTensor]:
-        """Replace every sparse ``nn.Linear`` by the backend's layer; the tensors serve dense
-        views until :meth:`finish_init` compacts what the method's ``init_masks`` wrote."""
+        """Replace every sparse ``nn.Linear`` (or HF ``Conv1D``) by the backend's layer; the
+        tensors serve dense views until :meth:`finish_init` compacts what the method's
+        ``init_masks`` wrote."""
         self.check_block(block)
         for spec in specs:  # every check before the model changes
             self.check_layer(model, spec.info)
@@ -559,23 +614,26 @@ class CompactBackend(Backend):
     ) -> SparseTensor:
         info = spec.info
         linear = model.get_submodule(info.module_name)
-        assert isinstance(linear, nn.Linear)
-        capacity = count_for_density(
-            linear.weight.numel() // (block * block), spec.capacity_density
-        )
+        capacity = count_for_density(math.prod(info.shape) // (block * block),
+                                     spec.capacity_density)  # fmt: skip
         layer = self.make_layer(linear, block, capacity, reservoir)
+        # state_dict() also holds the plain key (weight = theta * A); see alwayssparse.state_dicts.
+        register_weight_hooks(layer, "weight", layer.dense_weight, _STORED_KEYS,
+                              f"backend {self.name}: stored values")  # fmt: skip
         parent_name, _, attr = info.module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer)
         self._swapped.append((parent, attr, layer))
         self._originals.append(linear)
-        weight = linear.weight.detach().clone()
+        dense = linear.weight
+        assert isinstance(dense, Tensor)
+        weight = dense.detach().clone()
         full = torch.ones_like(weight, dtype=torch.bool)
         storage = CompactStorage(layer, DenseStorage(weight, full, full.clone()))
         return SparseTensor(
             name=info.name, shape=info.shape, density=spec.density,
             backward_density=spec.backward_density, storage=storage, block=block,
-            block_norm=block_norm, module=layer, op="linear",
+            block_norm=block_norm, module=layer, op="linear_t" if layer.transposed else "linear",
         )  # fmt: skip
 
     def finish_init(self, tensors: Sequence[SparseTensor]) -> None:
@@ -596,9 +654,15 @@ class CompactBackend(Backend):
 
     def export(self, model: nn.Module) -> None:
         """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere
-        (on the layer's device, in its values' dtype)."""
-        for parent, attr, layer in self._swapped:
+        (on the layer's device, in its values' dtype; a replaced Conv1D: the original module
+        object, holding a new weight)."""
+        for (parent, attr, layer), original in zip(self._swapped, self._originals, strict=True):
             values = layer.values
+            if layer.transposed:
+                original.weight = nn.Parameter(layer.dense_weight())
+                original.bias = layer.bias
+                setattr(parent, attr, original)
+                continue
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                device=values.device, dtype=values.dtype)  # fmt: skip
             with torch.no_grad():
@@ -619,22 +683,26 @@ class CompactBackend(Backend):
 
 @register_backend
 class SparseBackend(CompactBackend):
-    """Stored entries only, sparse kernels; ``nn.Linear`` layers on the CPU."""
+    """Stored entries only, sparse kernels; ``nn.Linear`` and Hugging Face ``Conv1D`` layers on
+    the CPU."""
 
     name = "sparse"
     supported_blocks = SUPPORTED_BLOCKS
     devices = ("cpu",)
+    conv1d = True
 
     def make_layer(
-        self, linear: nn.Linear, block: int, capacity: int, reservoir: bool
+        self, linear: nn.Module, block: int, capacity: int, reservoir: bool
     ) -> CompactLinear:
         return SparseLinear(linear, block, capacity, reservoir)
 
-    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Linear:
+    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Module:
         linear = super().check_layer(model, info)
-        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+        weight = linear.weight
+        assert isinstance(weight, Tensor)
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ValueError(
                 f"backend 'sparse' kernels run on CPU float32; {info.name} is "
-                f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
+                f"{weight.dtype} on {weight.device}. Use backend 'masked'"
             )
         return linear
