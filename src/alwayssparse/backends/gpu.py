@@ -84,7 +84,9 @@ class BlockSparseLinear(CompactLinear):
     ) -> None:
         if block not in SUPPORTED_BLOCKS:
             raise ValueError(f"block must be one of {SUPPORTED_BLOCKS}, got {block}")
-        device = "cpu" if reservoir_on_host else linear.weight.device
+        weight = linear.weight
+        assert isinstance(weight, Tensor)
+        device = torch.device("cpu") if reservoir_on_host else weight.device
         super().__init__(linear, block, capacity, reservoir, reservoir_device=device)
         self.reservoir_on_host = reservoir_on_host
         self._layouts: tuple[triton_bsr.BsrLayout, triton_bsr.BsrLayout] | None = None
