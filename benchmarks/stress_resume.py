@@ -1,8 +1,9 @@
 """Kill -9 a training run at random moments, resume it each time, compare with an uninterrupted run.
 
 For each preset: one uninterrupted ``alwayssparse train`` into ``ref/``, then the same run into
-``killed/`` killed with SIGKILL ``--kills`` times at random moments (while it trains, evaluates or
-writes a checkpoint) and resumed with ``--resume`` after each kill (a kill before the first
+``killed/`` killed with SIGKILL ``--kills`` times at random moments of its training (drawn from
+what is left to train, measured on the uninterrupted run: while it trains, evaluates or writes a
+checkpoint) and resumed with ``--resume`` after each kill (a kill before the first
 checkpoint restarts it with ``--overwrite``). At the end ``summary.json`` (all but timings) and
 every tensor of the final checkpoint (model, optimizer, sparsity state, RNG states) must be
 identical. Prints a table: preset, kills, resumes, restarts, identical or not.
@@ -43,9 +44,17 @@ def _command(
             *overrides]  # fmt: skip
 
 
-def _run(command: list[str], kill_after: float | None) -> bool:
-    """Run ``command``; SIGKILL it after ``kill_after`` seconds. True if it finished by itself."""
+def _run(command: list[str], run_dir: Path, kill_after: float | None) -> bool:
+    """Run ``command``; SIGKILL it ``kill_after`` seconds after it starts training (when it
+    writes ``config.json``, after loading data and checkpoint). True if it finished by itself."""
+    marker = run_dir / "config.json"
+    before = marker.stat().st_mtime_ns if marker.exists() else None
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after is not None:
+        while process.poll() is None and (
+            not marker.exists() or marker.stat().st_mtime_ns == before
+        ):
+            time.sleep(0.005)
     try:
         process.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
@@ -56,6 +65,22 @@ def _run(command: list[str], kill_after: float | None) -> bool:
         error = process.stderr.read().decode() if process.stderr else ""
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{error}")
     return True
+
+
+def _training_seconds(run_dir: Path) -> float:
+    """How long a finished run trained: from config.json (written as training starts) to
+    summary.json."""
+    start, end = ((run_dir / n).stat().st_mtime for n in ("config.json", "summary.json"))
+    return max(end - start, 0.1)
+
+
+def _remaining(run_dir: Path) -> float:
+    """Fraction of the run left after its last checkpoint (from its metrics records)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    steps = config["train"]["steps"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if run_dir.exists() else []
+    done = max((json.loads(line).get("step", 0) for line in lines), default=0)
+    return max(0.05, 1.0 - done / steps)
 
 
 def _tensors(state: Any, prefix: str = "") -> dict[str, Any]:
@@ -101,9 +126,8 @@ def _differences(ref: Path, run: Path) -> list[str]:
 
 def stress(preset: str, kills: int, overrides: list[str], root: Path, rng: random.Random) -> dict:
     ref, run = root / f"{preset}-ref", root / f"{preset}-killed"
-    started = time.perf_counter()
-    _run(_command(preset, ref, overrides, resume=False, overwrite=False), None)
-    duration = time.perf_counter() - started
+    _run(_command(preset, ref, overrides, resume=False, overwrite=False), ref, None)
+    duration = _training_seconds(ref)
     resumes = restarts = done_kills = 0
     finished = False
     while not finished:
@@ -115,8 +139,11 @@ def stress(preset: str, kills: int, overrides: list[str], root: Path, rng: rando
             resumes += 1
         elif started_before:
             restarts += 1
-        kill_after = rng.uniform(0.05, 1.0) * duration if done_kills < kills else None
-        finished = _run(command, kill_after)
+        left = _remaining(run) if have_checkpoint else 1.0
+        # A random moment of what is left to train (not too close to its end, so that
+        # every requested kill happens).
+        kill_after = rng.uniform(0.02, 0.9) * left * duration if done_kills < kills else None
+        finished = _run(command, run, kill_after)
         done_kills += not finished
     differ = _differences(ref, run)
     return {"preset": preset, "kills": done_kills, "resumes": resumes, "restarts": restarts,

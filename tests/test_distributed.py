@@ -484,6 +484,8 @@ def test_two_processes_hold_identical_masks_and_match_one_process(
     b = torch.load(one_dir / "checkpoint.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and not any(k.startswith("module.") for k in a)
     for key in a:
+        if key == "_alwayssparse.config":
+            continue  # JSON text: this process also lists the toy method of conftest.py
         if a[key].dtype == torch.bool:
             if exact == len(one["history"]):  # no rounding tie swapped units
                 assert torch.equal(a[key], b[key]), key
@@ -546,7 +548,8 @@ def test_checkpoints_resume_with_a_different_number_of_processes(job: dict[str, 
     for run in ("half", "one-then-two"):
         state = torch.load(job["root"] / run / "checkpoint.pt", weights_only=True)["model"]
         for key in final:
-            torch.testing.assert_close(state[key], final[key], rtol=1e-4, atol=1e-5, msg=key)
+            if key != "_alwayssparse.config":  # JSON text: here it lists conftest's toy method
+                torch.testing.assert_close(state[key], final[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_consistency_check_detects_differences(job: dict[str, Any]) -> None:

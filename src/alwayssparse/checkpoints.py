@@ -26,6 +26,7 @@ from torch import nn
 from alwayssparse.jsonio import atomic_write, write_json_atomic
 from alwayssparse.rng import capture_rng_state, restore_rng_state
 from alwayssparse.sparsity import Sparsity
+from alwayssparse.state_dicts import STATE_PREFIX
 from alwayssparse.tasks import Task
 
 CHECKPOINT_FORMAT = 1
@@ -181,6 +182,7 @@ def _load_model(path: Path, model: nn.Module, state: Any) -> None:
     shapes = [
         k for k in own
         if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+        and not k.startswith(STATE_PREFIX)  # the Sparsity state (its config as JSON bytes)
     ]  # fmt: skip
     if missing or unexpected or shapes:
         details = [
