@@ -280,7 +280,8 @@ class Sparsity:
             if t.name in changes:
                 # Entries that left B keep no stale history; entries that entered start afresh.
                 t.storage.carry_state(optimizer, changes[t.name])
-                t.storage.mark_forward(self.ever_active[t.name])  # in place, no dense temporary
+                # In place, no dense temporary; only the units that entered A when known.
+                t.storage.mark_forward(self.ever_active[t.name], changes[t.name])
         self._backend.after_update(self.tensors)
         self._prepare(step + 1)
 

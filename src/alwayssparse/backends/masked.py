@@ -33,7 +33,7 @@ from alwayssparse.backends.base import (
     remove_parametrization,
 )
 from alwayssparse.optim_state import zero_state
-from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
+from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TensorsKey
 
 
 class _ApplyMasks(torch.autograd.Function):
@@ -67,6 +67,7 @@ class MaskedWeight(nn.Module):
         self.register_buffer("forward_mask", ones)
         self.register_buffer("grad_mask", ones.clone())
         self.register_buffer("frozen_values", weight.new_empty(0), persistent=False)
+        self.epoch = 0  # counts writes to theta outside B that training does not undo
 
     def forward(self, weight: Tensor) -> Tensor:
         return _ApplyMasks.apply(weight, self.forward_mask, self.grad_mask)
@@ -86,7 +87,9 @@ class MaskedWeight(nn.Module):
 
 def _resnapshot_after_load(plist: nn.Module, _incompatible: Any) -> None:
     # Loading a checkpoint replaces theta and the masks: the old snapshot would undo the load.
-    plist[0].snapshot(plist.original)  # type: ignore[index]
+    masked = plist[0]  # type: ignore[index]
+    masked.snapshot(plist.original)
+    masked.epoch += 1  # theta outside B changed: rankings of the reservoir are stale
 
 
 class _MaskedStorage(DenseStorage):
@@ -116,6 +119,12 @@ class _MaskedStorage(DenseStorage):
     @property
     def grad_mask(self) -> Tensor:
         return self.masked.grad_mask
+
+    def reservoir_token(self) -> object:
+        """Theta outside B is written back after every optimizer step (``before_update``), so
+        only mask writes and checkpoint loads (the epoch) change it."""
+        masked = self.masked
+        return (TensorsKey((masked.forward_mask, masked.grad_mask)), masked.epoch)
 
 
 @register_backend

@@ -55,7 +55,13 @@ from alwayssparse.masks import (
     write_units,
 )
 from alwayssparse.optim_state import ELEMENTWISE_STATE
-from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
+from alwayssparse.sparse_tensor import (
+    DenseStorage,
+    SparseTensor,
+    TensorsKey,
+    TopologyChange,
+    UnitStorage,
+)
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
 
@@ -289,6 +295,14 @@ class CompactStorage(UnitStorage):
 
     def _set_tensors(self) -> tuple[Tensor, ...]:
         return (self.layer.units, self.layer.in_a)
+
+    def reservoir_token(self) -> object | None:
+        """The reservoir is written only by ``assign`` (units leaving B), ``compact`` and
+        checkpoint loads: its version and the slots' versions tell."""
+        layer = self.layer
+        if self.initial is not None or layer.reservoir is None:
+            return None
+        return TensorsKey((layer.units, layer.in_a, layer.reservoir))
 
     def counts(self) -> tuple[int, int]:
         if self.initial is not None:

@@ -36,11 +36,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
 from alwayssparse.methods.base import Method, register
+from alwayssparse.ranking import (
+    KEYED_DTYPES,
+    MAX_POSITIONS,
+    RankedReservoir,
+    key_positions,
+    rank_keys,
+)
 from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange
 
 SELECTIONS = ("layer", "global")
@@ -113,6 +121,10 @@ class TopKAST(Method):
 
     def __post_init__(self) -> None:
         self._coefficient_cache: dict[str, tuple[TensorsKey, Tensor]] = {}
+        # Per selection group (tensor names): the ranked reservoir of its last refresh.
+        self._rankings: dict[tuple[str, ...], RankedReservoir] = {}
+        # Refreshes of a selection group by the ranked reservoir, and by ranking the whole grid.
+        self.refresh_counts = {"incremental": 0, "full": 0}
 
     @property
     def fixed_layer_counts(self) -> bool:
@@ -176,6 +188,111 @@ class TopKAST(Method):
     def _refresh(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
     ) -> dict[str, TopologyChange]:
+        if explore and self.random_exploration:
+            # B\A is drawn afresh every refresh: nothing carries over, rank the whole grid.
+            self.refresh_counts["full"] += 1
+            return self._refresh_full(tensors, generator, explore)
+        groups = [list(tensors)] if self.selection == "global" else [[t] for t in tensors]
+        changes: dict[str, TopologyChange] = {}
+        for group in groups:
+            changes.update(self._refresh_group(group, generator, explore))
+        return changes
+
+    def _refresh_group(
+        self, group: list[SparseTensor], generator: torch.Generator, explore: bool
+    ) -> dict[str, TopologyChange]:
+        """One selection group (a tensor, or all with global selection): incrementally from
+        its ranked reservoir when that is still valid and decides exactly, else in full."""
+        key = tuple(t.name for t in group)
+        ranking = self._rankings.pop(key, None)
+        tokens = [t.storage.reservoir_token() for t in group]
+        if ranking is not None and None not in tokens and ranking.tokens == tokens:
+            changes = self._refresh_incremental(group, ranking, explore)
+            if changes is not None:
+                self.refresh_counts["incremental"] += 1
+                ranking.tokens = [t.storage.reservoir_token() for t in group]
+                self._rankings[key] = ranking
+                return changes
+        changes, ranking = self._refresh_full_group(group, explore)
+        self.refresh_counts["full"] += 1
+        if ranking is not None:
+            ranking.tokens = [t.storage.reservoir_token() for t in group]
+            if None not in ranking.tokens:
+                self._rankings[key] = ranking
+        return changes
+
+    def _counts(self, group: list[SparseTensor], explore: bool) -> tuple[int, int]:
+        count_a = sum(t.forward_count for t in group)
+        count_b = sum(t.backward_count for t in group) if explore else count_a
+        return count_b, count_a
+
+    def _refresh_incremental(
+        self, group: list[SparseTensor], ranking: RankedReservoir, explore: bool
+    ) -> dict[str, TopologyChange] | None:
+        """B and A from B's current scores and the ranked reservoir: O(|B|) plus the units that
+        cross a boundary. ``None`` when the ranking cannot decide exactly (nothing assigned)."""
+        offsets = _offsets(group)
+        keys, flags, devices = [], [], []
+        for t, offset in zip(group, offsets, strict=False):
+            units, in_a = t.storage.units()
+            unit_keys = rank_keys(t.storage.unit_scores(), units.cpu().numpy() + offset)
+            if unit_keys is None:
+                return None
+            keys.append(unit_keys)
+            flags.append(in_a.cpu().numpy())
+            devices.append(units.device)
+        all_keys = np.concatenate(keys)
+        count_b, count_a = self._counts(group, explore)
+        selection = ranking.select(all_keys, np.concatenate(flags), count_b, count_a)
+        if selection is None:
+            return None
+        # Kept units are in position order; entering ones are few: sort them and merge.
+        kept = key_positions(all_keys[selection.keep])
+        entering = key_positions(selection.entering)
+        order = np.argsort(entering)
+        entering, entering_in_a = entering[order], selection.entering_in_a[order]
+        changes = {}
+        for i, t in enumerate(group):
+            lo, hi = offsets[i], offsets[i + 1]
+            k0, k1 = np.searchsorted(kept, [lo, hi])
+            e0, e1 = np.searchsorted(entering, [lo, hi])
+            places = np.searchsorted(kept[k0:k1], entering[e0:e1])
+            new_units = np.insert(kept[k0:k1], places, entering[e0:e1]) - lo
+            new_in_a = np.insert(selection.keep_in_a[k0:k1], places, entering_in_a[e0:e1])
+            changes[t.name] = t.storage.assign(
+                torch.from_numpy(new_units).to(devices[i]),
+                torch.from_numpy(new_in_a).to(devices[i]),
+            )
+        return changes
+
+    def _refresh_full_group(
+        self, group: list[SparseTensor], explore: bool
+    ) -> tuple[dict[str, TopologyChange], RankedReservoir | None]:
+        """Rank the whole grid of every tensor of the group (O(n)); also rank its reservoir for
+        the next refreshes (``None`` when the scores cannot be keyed)."""
+        storages = [t.storage for t in group]
+        scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
+        count_b, count_a = self._counts(group, explore)
+        counts_b = [t.backward_count if explore else t.forward_count for t in group]
+        backward = self._select(scores, counts_b)
+        units = [torch.nonzero(b.reshape(-1)).squeeze(1) for b in backward]
+        if not explore:
+            in_a = [torch.ones_like(u, dtype=torch.bool) for u in units]
+        else:
+            # A = top-D among B's units: the same set as top-D over the grid.
+            gathered = [s.reshape(-1)[u] for s, u in zip(scores, units, strict=True)]
+            in_a = self._select(gathered, [t.forward_count for t in group])
+        ranking = _rank_reservoir(scores, backward, _offsets(group), count_b)
+        del scores, backward
+        changes = {
+            t.name: storage.assign(u, a)
+            for t, storage, u, a in zip(group, storages, units, in_a, strict=True)
+        }
+        return changes, ranking
+
+    def _refresh_full(
+        self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
+    ) -> dict[str, TopologyChange]:
         storages = [t.storage for t in tensors]
         scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
         forward_counts = [t.forward_count for t in tensors]
@@ -203,6 +320,45 @@ class TopKAST(Method):
             t.name: storage.assign(u, a)
             for t, storage, u, a in zip(tensors, storages, units, in_a, strict=True)
         }
+
+
+def _offsets(group: list[SparseTensor]) -> list[int]:
+    """Position of each tensor's first unit in the group's concatenation, and the total."""
+    offsets = [0]
+    for t in group:
+        offsets.append(offsets[-1] + t.num_blocks)
+    return offsets
+
+
+def _rank_reservoir(
+    scores: list[Tensor], backward: list[Tensor], offsets: list[int], size: int
+) -> RankedReservoir | None:
+    """The best ``size`` units of the reservoir C = not B over the group (see
+    :mod:`alwayssparse.ranking`); ``None`` if their scores cannot be keyed exactly."""
+    if offsets[-1] > MAX_POSITIONS:
+        return None
+    reservoir_scores, positions = [], []
+    for s, b, offset in zip(scores, backward, offsets, strict=False):
+        if s.dtype not in KEYED_DTYPES:
+            return None
+        outside = ~b.reshape(-1)
+        reservoir_scores.append(s.reshape(-1)[outside].to("cpu", torch.float32).numpy())
+        positions.append(torch.nonzero(outside).squeeze(1).cpu().numpy() + offset)
+    values, where = np.concatenate(reservoir_scores), np.concatenate(positions)
+    reservoir_size = values.size
+    if values.size > size:
+        # Units scoring at least the size-th best score (ties may add a few): key only those.
+        threshold = np.partition(values, values.size - size)[values.size - size]
+        best = values >= threshold
+        values, where = values[best], where[best]
+    keys = rank_keys(torch.from_numpy(values), where)
+    if keys is None:
+        return None
+    ranking = RankedReservoir.build(keys, size)
+    if ranking.floor < 0 and keys.size < reservoir_size:
+        # Units below the threshold were never keyed: they rank below the frontier's last.
+        ranking.floor = int(ranking.frontier[-1])
+    return ranking
 
 
 def _keep_only_a(t: SparseTensor) -> TopologyChange:
