@@ -257,9 +257,9 @@ class Sparsity:
         """Call once after ``optimizer.step()`` of training step ``step`` (0-based).
 
         Restores every entry outside the gradient set B to its value before the optimizer step
-        (weight decay and momentum would otherwise move it) and zeroes its optimizer state, then
-        lets the method update the masks for step ``step + 1``, resetting the optimizer state of
-        entries that entered or left B.
+        (weight decay would otherwise move it) and keeps its optimizer state at zero (the backend
+        does only what the step can have undone), then lets the method update the masks for
+        step ``step + 1``, resetting the optimizer state of entries that entered or left B.
         """
         _check_step_arguments(step, optimizer)
         self._backend.check_optimizer(self.tensors, optimizer)
