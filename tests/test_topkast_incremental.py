@@ -21,7 +21,7 @@ from alwayssparse.backends.sparse import SparseLinear
 from alwayssparse.masks import block_norms, count_for_density, global_topk_masks, topk_mask
 from alwayssparse.methods import TopKAST
 from alwayssparse.ranking import RankedReservoir, key_positions, rank_keys
-from alwayssparse.sparse_tensor import UnitStorage, write_units
+from alwayssparse.sparse_tensor import TensorsKey, UnitStorage, write_units
 
 # -- the ranking alone ---------------------------------------------------------------------------
 
@@ -161,6 +161,13 @@ def run(
                 assert torch.equal(a, expected[name][0]), (step, name, "A")
                 if not method.random_exploration:  # else B\A is drawn at random
                     assert torch.equal(b, expected[name][1]), (step, name, "B")
+        for t in sp.tensors:  # the regulariser's coefficients, patched at changed units only
+            cached = method._coefficient_cache.get(t.name)
+            if cached is not None and cached[1].shape == t.shape and method.updates_at(step):
+                a, b = t.forward_mask, t.grad_mask
+                fresh = a.to(t.weight.dtype) + (b & ~a).to(t.weight.dtype) / t.density
+                assert cached[0] == TensorsKey((a, b)), "patched, not rebuilt"
+                assert torch.equal(cached[1], fresh), (step, t.name)
         losses.append(loss.item())
         masks.append(after)
     return {"losses": losses, "masks": masks, "method": method, "changes": changes}

@@ -266,6 +266,9 @@ def unit_tiles(tensor: Tensor, block: int) -> Tensor:
 
 def gather_units(tensor: Tensor, units: Tensor, block: int) -> Tensor:
     """The (n, b, b) tiles of ``tensor`` at the flat block-grid indices ``units``."""
+    if block == 1:  # the grid is the tensor: one flat gather
+        index = units.to(device=tensor.device, dtype=torch.long)
+        return tensor.view(-1).index_select(0, index).view(-1, 1, 1)
     tiles = unit_tiles(tensor, block)
     grid_cols = tiles.shape[2]
     return tiles[torch.div(units, grid_cols, rounding_mode="floor"), :, units % grid_cols, :]
@@ -273,6 +276,13 @@ def gather_units(tensor: Tensor, units: Tensor, block: int) -> Tensor:
 
 def write_units(tensor: Tensor, units: Tensor, block: int, values: Tensor | float) -> None:
     """``tensor``'s tiles at ``units`` = ``values`` ((n, b, b) or a scalar), in place."""
+    if block == 1:
+        flat, index = tensor.view(-1), units.to(device=tensor.device, dtype=torch.long)
+        if isinstance(values, Tensor):
+            flat.index_copy_(0, index, values.reshape(-1).to(flat))
+        else:
+            flat.index_fill_(0, index, values)
+        return
     tiles = unit_tiles(tensor, block)
     grid_cols = tiles.shape[2]
     rows, cols = torch.div(units, grid_cols, rounding_mode="floor"), units % grid_cols

@@ -94,6 +94,7 @@ class TopologyChange:
         entered_units: Sorted units (block-grid indices) that entered B, or ``None``.
         left_units: Sorted units that left B, or ``None``.
         entered_a_units: Sorted units that entered A, or ``None`` (unknown).
+        left_a_units: Sorted units that left A (into B \\ A or out of B), or ``None``.
     """
 
     entered: Tensor | None = None
@@ -101,6 +102,7 @@ class TopologyChange:
     entered_units: Tensor | None = None
     left_units: Tensor | None = None
     entered_a_units: Tensor | None = None
+    left_a_units: Tensor | None = None
 
     def entered_mask(self, storage: UnitStorage) -> Tensor:
         """``entered`` as a bool tensor of the storage's ``weight`` shape (dense storage)."""
@@ -112,6 +114,23 @@ class TopologyChange:
         mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         write_units(mask, self.entered_units.to(weight.device), storage.tensor.block, True)
         return mask
+
+
+@dataclass
+class UnitDelta:
+    """What a mask update changes, when the caller knows it: sorted int64 units.
+
+    Attributes:
+        entered: Units that enter B.
+        left: Units that leave B.
+        entered_a: Units that enter A.
+        left_a: Units that leave A (staying in B or not).
+    """
+
+    entered: Tensor
+    left: Tensor
+    entered_a: Tensor
+    left_a: Tensor
 
 
 class UnitStorage(ABC):
@@ -172,6 +191,12 @@ class UnitStorage(ABC):
         """Set theta at ``units`` (a subset of B) to ``values``: b*b per unit, row-major."""
 
     # -- bookkeeping with defaults ---------------------------------------------------------------
+
+    def assign_delta(self, units: Tensor, in_a: Tensor, delta: UnitDelta) -> TopologyChange:
+        """``assign(units, in_a)`` for a caller that also knows what changes (``delta``,
+        consistent with the sets before and after): a storage may then skip finding it, and
+        write only the changed units. Default: ``assign``."""
+        return self.assign(units, in_a)
 
     def reservoir_token(self) -> object | None:
         """An opaque value, equal (``==``) between two calls while B and theta outside B changed
@@ -277,27 +302,46 @@ class DenseStorage(UnitStorage):
         return self.tensor.scores()
 
     def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
-        """Write only the units that enter or leave A and B into the masks: O(|B|) to find
-        them (sorted merges against the cached old units), O(changed) to write them."""
-        t = self.tensor
-        grad_mask, forward_mask = self.grad_mask, self.forward_mask
-        device = grad_mask.device
+        """Write only the units that enter or leave A and B into the masks: O(|B| log |B|) to
+        find them (against the cached old units), O(changed) to write them."""
+        device = self.grad_mask.device
         old_units, old_in_a = self.units()
         units = units.to(device=device, dtype=torch.long)
         in_a = in_a.to(device=device, dtype=torch.bool)
         new_a, old_a = units[in_a], old_units[old_in_a]
-        entered, left = difference(units, old_units), difference(old_units, units)
-        entered_a, left_a = difference(new_a, old_a), difference(old_a, new_a)
+        delta = UnitDelta(
+            entered=difference(units, old_units), left=difference(old_units, units),
+            entered_a=difference(new_a, old_a), left_a=difference(old_a, new_a),
+        )  # fmt: skip
+        return self._apply(units, in_a, delta, zeroed)
+
+    def assign_delta(self, units: Tensor, in_a: Tensor, delta: UnitDelta) -> TopologyChange:
+        device = self.grad_mask.device
+        units = units.to(device=device, dtype=torch.long)
+        in_a = in_a.to(device=device, dtype=torch.bool)
+        moved = UnitDelta(*(d.to(device=device, dtype=torch.long) for d in vars(delta).values()))
+        return self._apply(units, in_a, moved, None)
+
+    def _apply(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None
+    ) -> TopologyChange:
+        t = self.tensor
+        grad_mask, forward_mask = self.grad_mask, self.forward_mask
         if zeroed is not None and zeroed.numel():
             with torch.no_grad():
-                write_units(self.weight, zeroed.to(device), t.block, 0.0)
-        for mask, on, off in ((grad_mask, entered, left), (forward_mask, entered_a, left_a)):
+                write_units(self.weight, zeroed.to(grad_mask.device), t.block, 0.0)
+        writes = ((grad_mask, delta.entered, delta.left), (forward_mask, delta.entered_a,
+                                                           delta.left_a))  # fmt: skip
+        for mask, on, off in writes:
             if on.numel():
                 write_units(mask, on, t.block, True)
             if off.numel():
                 write_units(mask, off, t.block, False)
         self._units_cache = (TensorsKey((forward_mask, grad_mask)), units, in_a)
-        return TopologyChange(entered_units=entered, left_units=left, entered_a_units=entered_a)
+        return TopologyChange(
+            entered_units=delta.entered, left_units=delta.left,
+            entered_a_units=delta.entered_a, left_a_units=delta.left_a,
+        )  # fmt: skip
 
     def write(self, units: Tensor, values: Tensor) -> None:
         t = self.tensor

@@ -54,7 +54,13 @@ from alwayssparse.optim_state import (
     zero_gradient_effects,
     zero_state_at,
 )
-from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TensorsKey, TopologyChange
+from alwayssparse.sparse_tensor import (
+    DenseStorage,
+    SparseTensor,
+    TensorsKey,
+    TopologyChange,
+    UnitDelta,
+)
 
 
 class _ApplyMasks(torch.autograd.Function):
@@ -148,17 +154,18 @@ class _MaskedStorage(DenseStorage):
     def grad_mask(self) -> Tensor:
         return self.masked.grad_mask
 
-    def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
+    def _apply(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None
+    ) -> TopologyChange:
         """Write the changed units into the masks; units leaving B join the frozen copy."""
         masked = self.masked
         current = masked.frozen_key is not None and masked.frozen_key == masked.masks_key()
-        change = super().assign(units, in_a, zeroed)
+        change = super()._apply(units, in_a, delta, zeroed)
         if current:
-            left = change.left_units
-            if left is not None and left.numel():
+            if delta.left.numel():
                 block = self.tensor.block
-                values = gather_units(self.weight.detach(), left, block)
-                write_units(masked.frozen_values, left, block, values)
+                values = gather_units(self.weight.detach(), delta.left, block)
+                write_units(masked.frozen_values, delta.left, block, values)
             masked.frozen_key = masked.masks_key()
         return change
 

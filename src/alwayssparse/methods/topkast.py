@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
+from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask, write_units
 from alwayssparse.methods.base import Method, register
 from alwayssparse.ranking import (
     KEYED_DTYPES,
@@ -49,7 +49,7 @@ from alwayssparse.ranking import (
     key_positions,
     rank_keys,
 )
-from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange
+from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange, UnitDelta
 
 SELECTIONS = ("layer", "global")
 EXPLORATION_NORMS = ("l2", "l1")
@@ -234,13 +234,13 @@ class TopKAST(Method):
         offsets = _offsets(group)
         keys, flags, devices = [], [], []
         for t, offset in zip(group, offsets, strict=False):
-            units, in_a = t.storage.units()
-            unit_keys = rank_keys(t.storage.unit_scores(), units.cpu().numpy() + offset)
+            b_units, b_in_a = t.storage.units()
+            unit_keys = rank_keys(t.storage.unit_scores(), b_units.cpu().numpy() + offset)
             if unit_keys is None:
                 return None
             keys.append(unit_keys)
-            flags.append(in_a.cpu().numpy())
-            devices.append(units.device)
+            flags.append(b_in_a.cpu().numpy())
+            devices.append(b_units.device)
         all_keys = np.concatenate(keys)
         count_b, count_a = self._counts(group, explore)
         selection = ranking.select(all_keys, np.concatenate(flags), count_b, count_a)
@@ -252,18 +252,73 @@ class TopKAST(Method):
         order = np.argsort(entering)
         entering, entering_in_a = entering[order], selection.entering_in_a[order]
         changes = {}
+        start = 0
         for i, t in enumerate(group):
             lo, hi = offsets[i], offsets[i + 1]
+            old_units, old_in_a = key_positions(keys[i]) - lo, flags[i]
+            keep = selection.keep[start : start + old_units.size]
+            start += old_units.size
             k0, k1 = np.searchsorted(kept, [lo, hi])
             e0, e1 = np.searchsorted(entering, [lo, hi])
-            places = np.searchsorted(kept[k0:k1], entering[e0:e1])
-            new_units = np.insert(kept[k0:k1], places, entering[e0:e1]) - lo
-            new_in_a = np.insert(selection.keep_in_a[k0:k1], places, entering_in_a[e0:e1])
-            changes[t.name] = t.storage.assign(
-                torch.from_numpy(new_units).to(devices[i]),
-                torch.from_numpy(new_in_a).to(devices[i]),
+            kept_units, kept_in_a = kept[k0:k1] - lo, selection.keep_in_a[k0:k1]
+            new_units, new_in_a = entering[e0:e1] - lo, entering_in_a[e0:e1]
+            places = np.searchsorted(kept_units, new_units)
+            units = np.insert(kept_units, places, new_units)
+            in_a = np.insert(kept_in_a, places, new_in_a)
+            # What changed, from the selection itself (no search against the old units).
+            a_after = np.zeros(old_units.size, dtype=bool)
+            a_after[keep] = kept_in_a
+            was_in_a = old_in_a[keep]
+            entered_a = np.concatenate([kept_units[kept_in_a & ~was_in_a], new_units[new_in_a]])
+            delta = UnitDelta(
+                entered=_tensor(new_units, devices[i]),
+                left=_tensor(old_units[~keep], devices[i]),
+                entered_a=_tensor(np.sort(entered_a), devices[i]),
+                left_a=_tensor(old_units[old_in_a & ~a_after], devices[i]),
             )
+            current = self._coefficients_current(t)
+            change = t.storage.assign_delta(
+                _tensor(units, devices[i]), torch.from_numpy(in_a).to(devices[i]), delta
+            )
+            if current:
+                self._patch_coefficients(t, change)
+            changes[t.name] = change
         return changes
+
+    def _coefficients_current(self, t: SparseTensor) -> bool:
+        cached = self._coefficient_cache.get(t.name)
+        return cached is not None and cached[0] == TensorsKey((t.forward_mask, t.grad_mask))
+
+    def _assign(self, t: SparseTensor, units: Tensor, in_a: Tensor) -> TopologyChange:
+        current = self._coefficients_current(t)
+        change = t.storage.assign(units, in_a)
+        if current:
+            self._patch_coefficients(t, change)
+        return change
+
+    def _patch_coefficients(self, t: SparseTensor, change: TopologyChange) -> None:
+        """Keep the regulariser's cached coefficients (1 on A, 1/D on B\\A, 0 on C) through a
+        change given in units, writing only the changed units (dense storage only)."""
+        cached = self._coefficient_cache.get(t.name)
+        left_a, entered_a = change.left_a_units, change.entered_a_units
+        if (
+            cached is None
+            or left_a is None
+            or entered_a is None
+            or change.entered_units is None
+            or change.left_units is None
+            or cached[1].shape != t.shape
+        ):
+            return
+        coefficients = cached[1]
+        inverse = torch.ones(1, dtype=coefficients.dtype, device=coefficients.device) / t.density
+        block = t.block
+        write_units(coefficients, left_a, block, inverse.expand(left_a.numel(), block, block))
+        entered = change.entered_units
+        write_units(coefficients, entered, block, inverse.expand(entered.numel(), block, block))
+        write_units(coefficients, change.left_units, block, 0.0)
+        write_units(coefficients, entered_a, block, 1.0)
+        self._coefficient_cache[t.name] = (TensorsKey((t.forward_mask, t.grad_mask)), coefficients)
 
     def _refresh_full_group(
         self, group: list[SparseTensor], explore: bool
@@ -284,11 +339,8 @@ class TopKAST(Method):
             in_a = self._select(gathered, [t.forward_count for t in group])
         ranking = _rank_reservoir(scores, backward, _offsets(group), count_b)
         del scores, backward
-        changes = {
-            t.name: storage.assign(u, a)
-            for t, storage, u, a in zip(group, storages, units, in_a, strict=True)
-        }
-        return changes, ranking
+        assigned = zip(group, units, in_a, strict=True)
+        return {t.name: self._assign(t, u, a) for t, u, a in assigned}, ranking
 
     def _refresh_full(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
@@ -316,10 +368,11 @@ class TopKAST(Method):
             gathered = [s.reshape(-1)[u] for s, u in zip(scores, units, strict=True)]
             in_a = self._select(gathered, forward_counts)
         del scores, backward
-        return {
-            t.name: storage.assign(u, a)
-            for t, storage, u, a in zip(tensors, storages, units, in_a, strict=True)
-        }
+        return {t.name: self._assign(t, u, a) for t, u, a in zip(tensors, units, in_a, strict=True)}
+
+
+def _tensor(values: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
 
 
 def _offsets(group: list[SparseTensor]) -> list[int]:
