@@ -217,3 +217,14 @@ def test_from_dict_rejects_unknown_keys() -> None:
         from_dict(SparsityConfig, {"topkast": {"refresh_interval": 2, "bogus": 1}})
     with pytest.raises(ValueError, match=r"layout\.nope"):
         from_dict(SparsityConfig, {"layout": {"nope": True}})
+
+
+def test_sections_of_unregistered_entries_are_skipped_with_a_warning() -> None:
+    """A config saved by a process that had a plugin method registered loads without it."""
+    data = to_dict(SparsityConfig())
+    data["plugin"] = {"option": 3}
+    with pytest.warns(UserWarning, match=r"\['plugin'\] belong to nothing registered"):
+        restored = from_dict(SparsityConfig, data)
+    assert restored == SparsityConfig()
+    with pytest.raises(ValueError, match=r"unknown config keys \['bogus'\]"):
+        from_dict(SparsityConfig, {**to_dict(SparsityConfig()), "bogus": 1})

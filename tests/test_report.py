@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,22 +15,15 @@ from typing import Any
 import pytest
 import torch
 
+import alwayssparse
 from alwayssparse.config import to_dict
 from alwayssparse.dynamics import MaskDynamics
+from alwayssparse.metrics import TensorBoardLogger
 from alwayssparse.models import bert_config
-from alwayssparse.report import (
-    TensorBoardLogger,
-    collect_runs,
-    dense_flops_at,
-    dense_loss_at,
-    flop_reduction,
-    model_size,
-    plot_run,
-    read_metrics,
-    sweep_table,
-    write_run_report,
-    write_sweep_report,
-)
+from alwayssparse.pareto import dense_flops_at, dense_loss_at, flop_reduction, sweep_table
+from alwayssparse.plots import plot_run
+from alwayssparse.report import write_run_report, write_sweep_report
+from alwayssparse.rundir import collect_runs, model_size, read_metrics
 from alwayssparse.train import preset, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -296,3 +291,19 @@ def test_tensorboard_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"alwayssparse\[tensorboard\]"):
         TensorBoardLogger("unused")
+
+
+# -- matplotlib only where a plot is drawn -----------------------------------------------------
+
+
+def test_training_and_the_command_line_import_no_matplotlib() -> None:
+    # A fresh interpreter: this one has drawn plots already.
+    src = str(Path(alwayssparse.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import sys, alwayssparse.train, alwayssparse.cli, alwayssparse.report; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    assert result.stdout.strip() == "[]"

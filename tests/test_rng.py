@@ -71,3 +71,17 @@ def test_cuda_device_count_mismatch_raises() -> None:
     state["cuda"] = state["cuda"] * 2
     with pytest.raises(ValueError, match="CUDA device"):
         restore_rng_state(state)
+
+
+def test_seed_everything_makes_processes_agree() -> None:
+    import random
+
+    import numpy as np
+
+    from alwayssparse.rng import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()))
+    assert draws[0] == draws[1]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-from alwayssparse.train import PRESETS, RunConfig, preset, train
+from alwayssparse.cli import main
+from alwayssparse.config import apply_overrides
+from alwayssparse.rundir import model_size
+from alwayssparse.tasks import TASKS
+from alwayssparse.train import PRESETS, RunConfig, load_run_config, preset, train
 
 SENTENCES = [
     "The cat sat on the mat.", "A dog ran in the park!", "Birds sing in the morning.",
@@ -108,3 +116,47 @@ def test_paper_presets_resolve() -> None:
     assert bert.bert.max_seq_len == 128 and bert.sparsity.dynsparse.init_std == 0.02
     resnet = preset("resnet50-imagenet")
     assert resnet.optim.weight_decay == 1e-4 and resnet.sparsity.layout.dense_first_last
+
+
+# -- a new task is one file ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_task(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """Load tests/toy_task.py (registering its task and preset); restore the registries after."""
+    tasks, presets = dict(TASKS), dict(PRESETS)
+    spec = importlib.util.spec_from_file_location(
+        "toy_task", Path(__file__).with_name("toy_task.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "toy_task", module)  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        TASKS.clear(), TASKS.update(tasks)
+        PRESETS.clear(), PRESETS.update(presets)
+
+
+def test_a_new_task_is_one_file(
+    toy_task: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its section is in every run config, with its defaults; dotted overrides reach it.
+    config = preset("toy")
+    assert config.task == "toy" and config.toy == toy_task.ToyConfig()
+    apply_overrides(config, ["toy.width=8", "train.steps=10"])
+    summary = train(config, tmp_path / "run", progress=False, log=_quiet)
+    assert summary["task"] == "toy" and summary["steps"] == 10 and "test_mse" in summary
+    assert len(_losses(tmp_path / "run")) == 2  # log_interval 5
+    assert summary["forward_density"] == pytest.approx(0.5, abs=0.01)
+    saved = load_run_config(tmp_path / "run")
+    assert saved.toy.width == 8 and saved == config
+    assert model_size(json.loads((tmp_path / "run" / "config.json").read_text())) == "w8"
+    # The command line: the preset, its description, a dotted override of the section.
+    assert main(["presets"]) == 0 and "toy " in capsys.readouterr().out
+    code = main(["train", "--preset", "toy", "toy.width=4", "train.steps=4", "--no-progress",
+                 "--out", str(tmp_path / "cli")])  # fmt: skip
+    assert code == 0 and load_run_config(tmp_path / "cli").toy.width == 4
+    assert main(["train", "--preset", "toy", "toy.width=0", "--out", str(tmp_path / "x")]) == 2
+    assert "toy.width" in capsys.readouterr().err

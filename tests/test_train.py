@@ -11,6 +11,7 @@ import torch
 
 from alwayssparse.cli import build_config, main, make_parser, parse_sparsity
 from alwayssparse.train import (
+    PRESETS,
     OptimConfig,
     RunConfig,
     learning_rate,
@@ -59,10 +60,30 @@ def test_short_topkast_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> Non
 def test_dense_and_static_runs(tmp_path: Path) -> None:
     dense = train(_tiny(tmp_path, sparsity__method="dense"), tmp_path / "d", progress=False,
                   log=_quiet)  # fmt: skip
-    assert dense["forward_density"] == 1.0
+    # Dense is a method: a Sparsity that makes nothing sparse, no division by zero sparse entries.
+    assert dense["forward_density"] == dense["backward_density"] == dense["explored_dof"] == 1.0
+    total = dense["parameters"]["total"]
+    assert dense["parameters"] == {"total": total, "dense": total, "sparse": 0, "forward": total,
+                                   "backward": total}  # fmt: skip
+    assert "dense method" in (tmp_path / "d" / "layout.txt").read_text()
+    assert not (tmp_path / "d" / "dynamics.jsonl").exists()
     static = train(_tiny(tmp_path, sparsity__method="static"), tmp_path / "s", progress=False,
                    log=_quiet)  # fmt: skip
     assert static["forward_density"] == static["backward_density"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_dense_run_resumes_from_a_checkpoint_without_sparsity_state(tmp_path: Path) -> None:
+    # Dense runs from before dense was a method saved no sparsity state (None).
+    config = _tiny(tmp_path, sparsity__method="dense", train__steps=4, train__checkpoint_interval=4)
+    train(config, tmp_path / "d", progress=False, log=_quiet)
+    path = tmp_path / "d" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["sparsity"] = None
+    torch.save(state, path)
+    resumed = load_run_config(tmp_path / "d")
+    resumed.train.steps = 6
+    summary = train(resumed, tmp_path / "d", resume=True, progress=False, log=_quiet)
+    assert summary["steps"] == 6
 
 
 def test_resume_continues_bit_identically(tmp_path: Path) -> None:
@@ -180,7 +201,7 @@ def _readme_blocks(language: str) -> list[str]:
 
 
 def test_readme_example_runs_and_trains() -> None:
-    (example,) = _readme_blocks("python")
+    example = _readme_blocks("python")[0]  # "Sparse training in your own loop"
     namespace: dict[str, object] = {}
     torch.manual_seed(0)
     exec(compile(example, "README example", "exec"), namespace)
@@ -207,3 +228,97 @@ def test_sparse_backend_run_matches_masked(tmp_path: Path) -> None:
     assert sparse["parameters"] == masked["parameters"]
     resumed = load_run_config(tmp_path / "s")
     assert resumed.sparsity.backend == "sparse"
+
+
+# -- the command line: data flags, backward sparsity, preset descriptions -----------------------
+
+
+def _enwik8_like(path: Path, pages: int = 40) -> Path:
+    """A few KB in enwik8's format: a MediaWiki XML dump."""
+    page = (
+        "<page>\n  <title>Anarchism</title>\n  <id>12</id>\n  <revision>\n"
+        "    <text xml:space=\"preserve\">'''Anarchism''' is a [[political philosophy]] that "
+        "holds [[the state]] to be undesirable.</text>\n  </revision>\n</page>\n"
+    )
+    path.write_text('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.3/">\n' + page * pages)
+    return path
+
+
+def _cli_config(*argv: str) -> RunConfig:
+    return build_config(make_parser().parse_args(["config", *argv]))
+
+
+def test_data_flags_go_to_the_data_section_of_the_task_trained(tmp_path: Path) -> None:
+    enwik8 = _enwik8_like(tmp_path / "enwik8")
+    text = tmp_path / "book.txt"
+    text.write_text("Some text. More text.\n\nAnother document.\n")
+    lm = _cli_config("--preset", "tiny", "--enwik8", str(enwik8))
+    assert (lm.lm.data.name, lm.lm.data.paths) == ("enwik8", [str(enwik8)])
+    xl = _cli_config("--preset", "enwik8-xl-small", "--enwik8", str(enwik8))
+    assert (xl.xl.data.name, xl.xl.data.paths) == ("enwik8", [str(enwik8)])
+    assert xl.lm.data.paths == []  # not the lm section's
+    xl = _cli_config("--preset", "xl-tiny", "--text", str(text), str(tmp_path))
+    assert (xl.xl.data.name, xl.xl.data.paths) == ("text", [str(text), str(tmp_path)])
+    bert = _cli_config("--preset", "bert-tiny-here", "--text", str(text))
+    assert bert.bert.files == [str(text)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "bert-tiny-here", "--enwik8", "{enwik8}"], "task bert reads text files"),
+        (["--preset", "bert-tiny-here", "--text", "{dir}"], "not directories"),
+        (["--preset", "resnet20-fashion-mnist", "--text", "{text}"], "image.path=DIR"),
+        (["--preset", "resnet50-imagenet", "--enwik8", "{enwik8}"], "image.path=DIR"),
+    ],
+)
+def test_data_flags_a_task_cannot_read_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    paths = {"enwik8": str(_enwik8_like(tmp_path / "enwik8")), "dir": str(tmp_path),
+             "text": str(_enwik8_like(tmp_path / "a.txt"))}  # fmt: skip
+    argv = [arg.format(**paths) for arg in argv]
+    assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "dynsparse", "gmp", "dense"])
+def test_backward_sparsity_is_refused_for_methods_without_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    code = main(["train", "--preset", "tiny", "--method", method, "--sparsity", "0.9/0.8",
+                 "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 2
+    assert f"method {method} has no backward sparsity" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    forward_only = _cli_config("--preset", "tiny", "--method", method, "--sparsity", "0.8")
+    assert forward_only.sparsity.sparsity == 0.8
+
+
+def test_presets_list_their_own_one_line_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(PRESETS)  # one line each
+    for line, (name, entry) in zip(lines, sorted(PRESETS.items()), strict=True):
+        assert line.split()[0] == name and line.endswith(entry.description)
+        assert "partial(" not in line and entry.description
+    assert "BERT-Mini" in PRESETS["bert-mini"].description
+
+
+def test_enwik8_xl_preset_trains_on_an_enwik8_file(tmp_path: Path) -> None:
+    enwik8 = _enwik8_like(tmp_path / "enwik8")  # 8.5 KB; the split below takes 8 KB of it
+    run = tmp_path / "run"
+    small = [
+        "train.steps=2", "train.batch_size=2", "train.report=false",
+        "xl.data.enwik8_split=[6000,1000,1000]", "xl.model.n_layer=1", "xl.model.d_model=32",
+        "xl.model.n_head=2", "xl.model.d_head=16", "xl.model.d_ff=64", "xl.model.d_embed=32",
+        "xl.model.tgt_len=16", "xl.model.mem_len=16", "xl.model.eval_mem_len=16",
+    ]  # fmt: skip
+    code = main(["train", "--preset", "enwik8-xl-small", "--enwik8", str(enwik8), "--out",
+                 str(run), "--no-progress", *small])  # fmt: skip
+    assert code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "xl" and summary["steps"] == 2 and summary["valid_bpc"] > 0
+    config = load_run_config(run)
+    assert (config.xl.data.name, config.xl.data.paths) == ("enwik8", [str(enwik8)])

@@ -128,7 +128,9 @@ def _weight_grad_rows(
     if op == "linear":
         x2 = x.reshape(-1, x.shape[-1])  # [N, in]
         g2 = g.reshape(-1, g.shape[-1])[:, start:stop]  # [N, rows]
-        return g2.transpose(0, 1) @ x2  # [rows, in]
+        # Under autocast the layer's input may be float32 and its output gradient bf16/fp16.
+        dtype = torch.promote_types(x2.dtype, g2.dtype)
+        return g2.transpose(0, 1).to(dtype) @ x2.to(dtype)  # [rows, in]
     conv_grad = _conv_weight_grad(module)
     assert conv_grad is not None
     kernel_size = module.kernel_size

@@ -19,9 +19,13 @@ from pathlib import Path
 from alwayssparse.backends import BACKENDS
 from alwayssparse.config import apply_overrides, to_dict
 from alwayssparse.methods import METHODS
+from alwayssparse.presets import PRESETS, preset
+from alwayssparse.report import write_run_report, write_sweep_report
+from alwayssparse.runconfig import RunConfig, is_sparse_method, load_run_config
 from alwayssparse.sparsity import parse_sparsity
 from alwayssparse.sweep import SPEC_FILE, SweepSpec, run_sweep
-from alwayssparse.train import DENSE, PRESETS, RunConfig, load_run_config, preset, train
+from alwayssparse.tasks import TASKS
+from alwayssparse.train import TrainingDiverged, train
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -30,27 +34,41 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if args.method is not None:
         config.sparsity.method = args.method
     if args.sparsity is not None:
-        forward, backward = parse_sparsity(args.sparsity)
-        config.sparsity.sparsity = forward
-        if backward is not None:
-            config.sparsity.topkast.backward_sparsity = backward
+        _set_sparsity(config, args.sparsity)
     if args.steps is not None:
         config.train.steps = args.steps
     if args.backend is not None:
         config.sparsity.backend = args.backend
+    # Data files go to the data section of the task trained; the task says what it reads.
     if args.text:
-        config.lm.data.name, config.lm.data.paths = "text", list(args.text)
+        TASKS[config.task].use_data(config.task_config(), "text", list(args.text))
     if args.enwik8:
-        config.lm.data.name, config.lm.data.paths = "enwik8", [args.enwik8]
+        TASKS[config.task].use_data(config.task_config(), "enwik8", [args.enwik8])
     apply_overrides(config, args.overrides)
     config.validate()
     return config
 
 
+def _set_sparsity(config: RunConfig, text: str) -> None:
+    """``--sparsity FORWARD`` or ``FORWARD/BACKWARD``; a backward sparsity only for a method
+    whose options have a ``backward_sparsity`` field (Top-KAST's)."""
+    forward, backward = parse_sparsity(text)
+    config.sparsity.sparsity = forward
+    if backward is None:
+        return
+    options = config.sparsity.method_options()
+    if "backward_sparsity" not in {f.name for f in dataclasses.fields(options)}:
+        raise ValueError(
+            f"--sparsity {text}: method {config.sparsity.method} has no backward sparsity "
+            "(its gradient set is its forward set); give the forward sparsity only"
+        )
+    setattr(options, "backward_sparsity", backward)  # noqa: B010 (a field of this method only)
+
+
 def _default_run_dir(config: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     method = config.sparsity.method
-    tag = method if method == DENSE else f"{method}-s{config.sparsity.sparsity:g}"
+    tag = f"{method}-s{config.sparsity.sparsity:g}" if is_sparse_method(method) else method
     return Path("runs") / f"{tag}-{stamp}"
 
 
@@ -59,7 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.resume or args.out or _default_run_dir(config))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
         print(f"run directory: {run_dir}")
-    train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    train(config, run_dir, resume=bool(args.resume), overwrite=args.overwrite,
+          progress=not args.no_progress)  # fmt: skip
     return 0
 
 
@@ -89,8 +108,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of a run directory or of a sweep directory."""
-    from alwayssparse.report import write_run_report, write_sweep_report  # matplotlib: lazily
-
     directory = Path(args.directory)
     if (directory / SPEC_FILE).exists():
         print(write_sweep_report(directory))
@@ -109,13 +126,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    for name, make in sorted(PRESETS.items()):
-        print(f"{name:12s} {(make.__doc__ or '').strip()}")
+    for name, entry in sorted(PRESETS.items()):
+        print(f"{name:12s} {entry.description}")
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    print(f"{DENSE:10s} ordinary dense training (no sparsity)")
     for name, cls in sorted(METHODS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {doc}")
@@ -127,18 +143,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="quickstart", choices=sorted(PRESETS))
-    parser.add_argument("--method", help=f"one of {sorted([*METHODS, DENSE])}")
+    parser.add_argument("--method", help=f"one of {sorted(METHODS)}")
     parser.add_argument(
         "--sparsity",
-        help="forward sparsity, or FORWARD/BACKWARD for Top-KAST: "
-        "0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
+        help="forward sparsity, or FORWARD/BACKWARD for a method with a backward sparsity "
+        "(Top-KAST): 0.9, 90%%, 0.9/0.8, '(90%%, 80%%)'",
     )
     parser.add_argument("--steps", type=int, help="number of optimizer steps")
     parser.add_argument(
-        "--backend", choices=sorted(BACKENDS), help="masked (any layer) or sparse (real savings)"
+        "--backend",
+        choices=sorted(BACKENDS),
+        help="masked (any layer), sparse (Linear, CPU) or gpu (Linear, CUDA block-sparse)",
     )
-    parser.add_argument("--text", nargs="+", metavar="PATH", help="train on these files/dirs")
-    parser.add_argument("--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip")
+    parser.add_argument(
+        "--text",
+        nargs="+",
+        metavar="PATH",
+        help="train on these text files/dirs (tasks lm, xl; bert: files)",
+    )
+    parser.add_argument(
+        "--enwik8", metavar="PATH", help="the enwik8 file or enwik8.zip (tasks lm, xl)"
+    )
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
@@ -153,6 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(p_train)
     p_train.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/...)")
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument(
+        "--overwrite", action="store_true", help="replace the run files already in --out"
+    )
     p_train.set_defaults(func=cmd_train)
     p_sweep = sub.add_parser(
         "sweep", help="run a grid of methods x sparsities x sizes x seeds (resumable)"
@@ -180,7 +208,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; configuration errors print one clear line and exit with status 2."""
+    """Entry point. Bad input (configuration, files, checkpoints) and failed runs (divergence,
+    a full disk) print one ``alwayssparse: error:`` line, with no traceback, and exit with
+    status 2 (bad input) or 1 (the run failed)."""
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may also come after options (argparse stops at the first option).
@@ -191,9 +221,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"alwayssparse: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"alwayssparse: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"alwayssparse: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alwayssparse: interrupted (resume with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (an OSError without one: its errno text and file)."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 __all__ = ["build_config", "main", "make_parser", "parse_sparsity"]

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -191,14 +192,30 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a nested dict, rejecting unknown keys."""
+    """Build ``cls`` from a nested dict, rejecting unknown keys.
+
+    A config with registry sections skips (with a warning) sections of entries that are not
+    registered in this process, e.g. a plugin method's options saved by a run that imported it:
+    they configure nothing here. Selecting such an entry fails when the config is validated.
+    """
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} | set(section_names(cls))  # type: ignore[arg-type]
     unknown = set(data) - names
+    if hasattr(cls, _SECTIONS):
+        skipped = sorted(k for k in unknown if isinstance(data[k], dict))
+        if skipped:
+            warnings.warn(
+                f"config sections {[prefix + k for k in skipped]} belong to nothing registered "
+                "in this process; they are ignored",
+                stacklevel=2,
+            )
+        unknown -= set(skipped)
     if unknown:
         raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        if name not in names:
+            continue
         hint = hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
             kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")

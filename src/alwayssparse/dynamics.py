@@ -22,7 +22,6 @@ reservoir fraction are exact even when A changes between recorded points.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alwayssparse.jsonio import dumps_strict
 from alwayssparse.masks import matrix_view
 from alwayssparse.sparsity import Sparsity
 
@@ -217,7 +217,7 @@ class MaskDynamics:
         run_dir = Path(run_dir)
         with (run_dir / DYNAMICS_FILE).open("a") as f:
             for record in self._pending:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps_strict(record, nan_to_null=True) + "\n")
         self._pending.clear()
         tmp = run_dir / (PATTERN_FILE + ".tmp")
         with tmp.open("wb") as f:

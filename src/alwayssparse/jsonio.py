@@ -20,10 +20,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["dumps_strict", "write_json_atomic"]
+__all__ = ["atomic_write", "dumps_strict", "write_json_atomic", "write_text_atomic"]
 
 
 def _child_path(parent: str, key: object) -> str:
@@ -130,14 +131,37 @@ def write_json_atomic(
         text = dumps_strict(obj, indent=indent, sort_keys=sort_keys, nan_to_null=nan_to_null)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    write_text_atomic(path, text + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file through a temporary file in its directory, flushed and renamed over
+    ``path``: readers see the old file or the new one, never half of one. On any failure the
+    temporary file is removed and ``path`` keeps its old content; an ``OSError`` (also a full
+    disk that ``torch.save`` reports as ``RuntimeError``) is raised as one ``OSError`` that
+    names ``path``."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        message = str(error)
+        if isinstance(error, OSError) or (
+            isinstance(error, RuntimeError) and ("iostream" in message or "Stream" in message)
+        ):
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise OSError(f"cannot write {path} (disk full or not writable?): {reason}") from None
         raise
     _fsync_directory(path.parent)

@@ -24,10 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
 
 _FORMAT = 1
 _KEYS = ("format", "torch", "cuda", "numpy", "python")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global generator (torch CPU and CUDA, NumPy, ``random``) from ``seed``, so
+    that two processes given one seed draw the same numbers (NumPy's is otherwise seeded from
+    the operating system)."""
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _numpy_state() -> dict[str, Any]:

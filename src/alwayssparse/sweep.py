@@ -38,8 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from alwayssparse.config import apply_overrides, from_dict, to_dict
+from alwayssparse.methods import DENSE
+from alwayssparse.presets import PRESETS, preset
+from alwayssparse.report import write_sweep_report
+from alwayssparse.runconfig import RunConfig, is_sparse_method
 from alwayssparse.sparsity import parse_sparsity
-from alwayssparse.train import DENSE, PRESETS, RunConfig, preset, train
+from alwayssparse.train import train
 
 SPEC_FILE = "sweep.json"
 
@@ -113,12 +117,12 @@ class SweepSpec:
         for key in ("methods", "seeds"):
             if not getattr(self, key):
                 raise ValueError(f"sweep spec: {key} is empty")
-        if any(m != DENSE for m in self.methods) and not self.sparsities:
+        if any(is_sparse_method(m) for m in self.methods) and not self.sparsities:
             raise ValueError("sweep spec: sparsities is empty but sparse methods are listed")
         runs: dict[str, RunConfig] = {}
         for size, base in self.size_bases().items():
             for method in self.methods:
-                levels = [None] if method == DENSE else self.sparsities
+                levels = self.sparsities if is_sparse_method(method) else [None]
                 for level in levels:
                     for seed in self.seeds:
                         name = _run_name(size, method, level, seed)
@@ -162,8 +166,6 @@ def run_sweep(
     All runs are built and validated before the first one starts. Each run writes its own
     report; the sweep's report (table and Pareto plot) is written at the end.
     """
-    from alwayssparse.report import write_sweep_report
-
     sweep_dir = Path(sweep_dir)
     runs = spec.runs()
     saved = sweep_dir / SPEC_FILE

@@ -32,6 +32,11 @@ values into the reservoir in place and ranks it (the grid scores and the top-k's
 :mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view of
 the layer (while the dense ``nn.Linear`` still exists), and only :meth:`SparseBackend.dense_masks`
 and :meth:`SparseLinear.dense_weight` (inspection, export) build dense tensors afterwards.
+
+The storage is shared with the GPU backend (:mod:`alwayssparse.backends.gpu`): the layer's
+slots, units, flags and reservoir are :class:`CompactLinear`, of which :class:`SparseLinear` is
+the subclass with the CPU kernels; :class:`CompactStorage` serves any :class:`CompactLinear` on
+its device; :class:`CompactBackend` attaches, compacts and exports any of them.
 """
 
 from __future__ import annotations
@@ -89,21 +94,36 @@ def _compress(units: Tensor, grid_rows: int, grid_cols: int) -> tuple[Tensor, Te
     return row_ptr, units - rows * grid_cols
 
 
-class SparseLinear(nn.Module):
-    """A Linear layer whose weight exists only at its stored units.
+class CompactLinear(nn.Module):
+    """A Linear layer whose weight exists only at its stored units: the storage, without the
+    product.
+
+    Shared by the backends that store units compactly (this module's CPU :class:`SparseLinear`,
+    the GPU layer of :mod:`alwayssparse.backends.gpu`); :class:`CompactStorage` serves any of
+    them. A subclass supplies the product (:meth:`product`) and its index structures, built once
+    per topology and dropped by :meth:`invalidate`. Index tensors, values and slot masks live on
+    the layer's device; the reservoir where it was created (a subclass may pin it to the host).
 
     Args:
         linear: The dense layer it replaces (its bias parameter object is kept).
-        block: Unit edge b (1: CSR; 4, 8, 16: BSR).
+        block: Unit edge b.
         capacity: Number of stored units (slots), fixed for the run.
-        reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
+        reservoir: Keep theta of the whole tensor (Top-KAST's set C).
+        reservoir_device: Where the reservoir lives (default: the host).
     """
 
     values: Tensor
     units: Tensor
     in_a: Tensor
 
-    def __init__(self, linear: nn.Linear, block: int, capacity: int, reservoir: bool) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        block: int,
+        capacity: int,
+        reservoir: bool,
+        reservoir_device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.block = (
             linear.in_features,
@@ -116,11 +136,14 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(weight.new_zeros(shape))
         self.bias = linear.bias
         self.index_dtype = index_dtype(max(self.grid[0] * self.grid[1], capacity))
-        self.register_buffer("units", torch.full((capacity,), -1, dtype=self.index_dtype))
-        self.register_buffer("in_a", torch.zeros(capacity, dtype=torch.bool))
+        device = weight.device
+        self.register_buffer(
+            "units", torch.full((capacity,), -1, dtype=self.index_dtype, device=device)
+        )
+        self.register_buffer("in_a", torch.zeros(capacity, dtype=torch.bool, device=device))
         self.reservoir: Tensor | None
-        self.register_buffer("reservoir", weight.to("cpu", copy=True) if reservoir else None)
-        self._patterns: tuple[_Pattern, _Pattern] | None = None
+        kept = weight.to(reservoir_device, copy=True) if reservoir else None
+        self.register_buffer("reservoir", kept)
         self._slot_masks: tuple[Tensor, Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module.invalidate())
 
@@ -130,16 +153,92 @@ class SparseLinear(nn.Module):
 
     def invalidate(self) -> None:
         """Forget the cached index structures (after the units change)."""
-        self._patterns = None
         self._slot_masks = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompactLinear:
+        # .to()/.cuda()/.half(): the cached indices and slot masks belong to the old tensors.
+        super()._apply(fn, recurse)
+        self.invalidate()
+        return self
 
     def stored(self) -> int:
         """Number of used slots (they come first, in unit order)."""
         return int(torch.count_nonzero(self.units >= 0))
 
+    def stored_slots(self, only_a: bool = True) -> Tensor:
+        """Slots of A (or of every stored unit, B), ascending, on the layer's device."""
+        n = self.stored()
+        live = torch.arange(n, dtype=self.index_dtype, device=self.units.device)
+        return live[self.in_a[:n]] if only_a else live
+
     def tiles(self) -> Tensor:
         """``values`` as (capacity, b, b) blocks (a view; (capacity, 1, 1) for entries)."""
         return self.values.view(self.capacity, self.block, self.block)
+
+    def slot_masks(self) -> tuple[Tensor, Tensor]:
+        """(A, B) per slot, broadcast to the shape of ``values``; cached per topology."""
+        if self._slot_masks is None:
+            self._slot_masks = (self._per_slot(self.in_a), self._per_slot(self.units >= 0))
+        return self._slot_masks
+
+    def _per_slot(self, mask: Tensor) -> Tensor:
+        rows = mask.repeat_interleave(self.block) if self.block > 1 else mask
+        return rows.view(-1, *([1] * (self.values.dim() - 1))).expand(self.values.shape)
+
+    def product(self, x: Tensor) -> Tensor:
+        """``x @ W_A^T`` for ``x`` of shape (N, in), through the subclass's kernels."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        y = self.product(x2)  # [N, out]
+        if self.bias is not None:
+            y = y.add_(self.bias)  # in place: the kernel's output is fresh and not saved
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self, only_a: bool = True) -> Tensor:
+        """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
+        slots = self.stored_slots(only_a)
+        weight = self.values.new_zeros(self.out_features, self.in_features)
+        write_units(weight, self.units[slots], self.block, self.tiles().detach()[slots])
+        return weight
+
+    def sync_reservoir(self) -> Tensor:
+        """Write the stored values into the reservoir (in place): it then holds all of theta."""
+        if self.reservoir is None:
+            raise RuntimeError(
+                "this layer keeps no reservoir: only theta at its stored units exists "
+                "(methods that rank the whole tensor set keeps_reservoir)"
+            )
+        n, device = self.stored(), self.reservoir.device
+        tiles = self.tiles().detach()[:n].to(device)
+        write_units(self.reservoir, self.units[:n].to(device), self.block, tiles)
+        return self.reservoir
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"block={self.block}, capacity={self.capacity}"
+        )
+
+
+class SparseLinear(CompactLinear):
+    """:class:`CompactLinear` multiplied by the CPU kernels of :mod:`alwayssparse.kernels`.
+
+    Args:
+        linear: The dense layer it replaces (its bias parameter object is kept).
+        block: Unit edge b (1: CSR; 4, 8, 16: BSR).
+        capacity: Number of stored units (slots), fixed for the run.
+        reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
+    """
+
+    def __init__(self, linear: nn.Linear, block: int, capacity: int, reservoir: bool) -> None:
+        super().__init__(linear, block, capacity, reservoir)
+        self._patterns: tuple[_Pattern, _Pattern] | None = None
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._patterns = None
 
     def patterns(self) -> tuple[_Pattern, _Pattern]:
         """(A's pattern, B's pattern), built once per topology."""
@@ -160,46 +259,8 @@ class SparseLinear(nn.Module):
             self._patterns = (pattern_a, pattern_b)
         return self._patterns
 
-    def slot_masks(self) -> tuple[Tensor, Tensor]:
-        """(A, B) per slot, broadcast to the shape of ``values``; cached per topology."""
-        if self._slot_masks is None:
-            self._slot_masks = (self._per_slot(self.in_a), self._per_slot(self.units >= 0))
-        return self._slot_masks
-
-    def _per_slot(self, mask: Tensor) -> Tensor:
-        rows = mask.repeat_interleave(self.block) if self.block > 1 else mask
-        return rows.view(-1, *([1] * (self.values.dim() - 1))).expand(self.values.shape)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [N, in]
-        y = _SparseLinearFunction.apply(x2, self.values, self)  # [N, out]
-        if self.bias is not None:
-            y = y.add_(self.bias)  # in place: the kernel's output is fresh and not saved
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def dense_weight(self, only_a: bool = True) -> Tensor:
-        """theta on A (or on every stored unit) as a dense (out, in) tensor (for export/tests)."""
-        slots = self.patterns()[0 if only_a else 1].slots
-        weight = self.values.new_zeros(self.out_features, self.in_features)
-        write_units(weight, self.units[slots], self.block, self.tiles().detach()[slots])
-        return weight
-
-    def sync_reservoir(self) -> Tensor:
-        """Write the stored values into the reservoir (in place): it then holds all of theta."""
-        if self.reservoir is None:
-            raise RuntimeError(
-                "this layer keeps no reservoir: only theta at its stored units exists "
-                "(methods that rank the whole tensor set keeps_reservoir)"
-            )
-        n = self.stored()
-        write_units(self.reservoir, self.units[:n], self.block, self.tiles().detach()[:n])
-        return self.reservoir
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"block={self.block}, capacity={self.capacity}"
-        )
+    def product(self, x: Tensor) -> Tensor:
+        return _SparseLinearFunction.apply(x, self.values, self)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -250,16 +311,17 @@ class _SparseLinearFunction(torch.autograd.Function):
 
 
 class CompactStorage(UnitStorage):
-    """:class:`~alwayssparse.sparse_tensor.UnitStorage` of a :class:`SparseLinear`: mask updates
-    read and rebuild the stored slots directly.
+    """:class:`~alwayssparse.sparse_tensor.UnitStorage` of a :class:`CompactLinear` (the CPU
+    :class:`SparseLinear` or the GPU backend's layer): mask updates read and rebuild the stored
+    slots directly, on the layer's device (the reservoir on its own).
 
-    Until :meth:`compact` it serves a dense host view of the layer (``initial``), which the
-    method's ``init_masks`` writes. Memory of an update: O(capacity) (new values, one carried
-    copy per optimizer state tensor, index arrays); :meth:`grid_scores` alone ranks the whole
-    tensor (Top-KAST's reservoir).
+    Until :meth:`compact` it serves a dense view of the layer (``initial``, on the layer's
+    device: the host for :class:`SparseLinear`), which the method's ``init_masks`` writes.
+    Memory of an update: O(capacity) (new values, one carried copy per optimizer state tensor,
+    index arrays); :meth:`grid_scores` alone ranks the whole tensor (Top-KAST's reservoir).
     """
 
-    def __init__(self, layer: SparseLinear, initial: DenseStorage) -> None:
+    def __init__(self, layer: CompactLinear, initial: DenseStorage) -> None:
         self.layer = layer
         self.initial: DenseStorage | None = initial
 
@@ -290,8 +352,9 @@ class CompactStorage(UnitStorage):
         if self.initial is not None:
             return self.initial.dense_masks()
         layer = self.layer
-        pattern_a, pattern_b = layer.patterns()
-        return _unit_mask(layer, pattern_a.slots), _unit_mask(layer, pattern_b.slots)
+        return _unit_mask(layer, layer.stored_slots(True)), _unit_mask(
+            layer, layer.stored_slots(False)
+        )
 
     def _set_tensors(self) -> tuple[Tensor, ...]:
         return (self.layer.units, self.layer.in_a)
@@ -339,7 +402,8 @@ class CompactStorage(UnitStorage):
                 f"{self.tensor.name}: {n} units in B exceed the capacity {layer.capacity} "
                 "fixed when the layer was built"
             )
-        units, in_a = units.to(torch.long).cpu(), in_a.to(torch.bool).cpu()
+        device = layer.units.device
+        units, in_a = units.to(device, torch.long), in_a.to(device, torch.bool)
         old_n = layer.stored()
         source, target = _survivors(layer.units[:old_n].long(), units)
         tiles = layer.tiles().detach()
@@ -347,13 +411,14 @@ class CompactStorage(UnitStorage):
         if layer.reservoir is not None:
             # Units entering B take theta from the reservoir (survivors' values included).
             layer.sync_reservoir()
+            host = layer.reservoir.device
             if zeroed is not None and zeroed.numel():
-                write_units(layer.reservoir, zeroed.cpu(), layer.block, 0.0)
-            new_tiles[:n] = gather_units(layer.reservoir, units, layer.block)
+                write_units(layer.reservoir, zeroed.to(host), layer.block, 0.0)
+            new_tiles[:n] = gather_units(layer.reservoir, units.to(host), layer.block).to(device)
         else:
             new_tiles[target] = tiles[source]  # new units start at zero
             if zeroed is not None and zeroed.numel():
-                hit, where = _lookup(units, zeroed.cpu())
+                hit, where = _lookup(units, zeroed.to(device, torch.long))
                 new_tiles[where[hit]] = 0.0
         with torch.no_grad():
             tiles.copy_(new_tiles)
@@ -362,7 +427,7 @@ class CompactStorage(UnitStorage):
             layer.in_a.zero_()
             layer.in_a[:n] = in_a
         layer.invalidate()
-        entered = torch.zeros(layer.capacity, dtype=torch.bool)
+        entered = torch.zeros(layer.capacity, dtype=torch.bool, device=device)
         entered[:n] = True
         entered[target] = False
         return TopologyChange(layer._per_slot(entered), moved=(source, target))
@@ -372,7 +437,8 @@ class CompactStorage(UnitStorage):
             self.initial.write(units, values)
             return
         layer = self.layer
-        found, slots = _lookup(layer.units[: layer.stored()].long(), units.cpu().long())
+        query = units.to(layer.units.device, torch.long)
+        found, slots = _lookup(layer.units[: layer.stored()].long(), query)
         if not bool(found.all()):
             raise ValueError(f"{self.tensor.name}: can only write units that are stored")
         with torch.no_grad():
@@ -405,21 +471,22 @@ class CompactStorage(UnitStorage):
             raise RuntimeError(
                 f"{self.tensor.name}: {n} units in B exceed capacity {layer.capacity}"
             )
+        tiles = gather_units(initial.weight.detach(), new_units, layer.block)
         with torch.no_grad():
             layer.values.zero_()
-            layer.tiles()[:n] = gather_units(initial.weight.detach(), new_units, layer.block)
+            layer.tiles()[:n] = tiles.to(layer.values)
             layer.units.fill_(-1)
-            layer.units[:n] = new_units
+            layer.units[:n] = new_units.to(layer.units.device)
             layer.in_a.zero_()
-            layer.in_a[:n] = in_a
+            layer.in_a[:n] = in_a.to(layer.in_a.device)
             if layer.reservoir is not None:
                 layer.reservoir.copy_(initial.weight.detach())
         layer.invalidate()
         self.initial = None
 
 
-def _unit_mask(layer: SparseLinear, slots: Tensor) -> Tensor:
-    grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool)
+def _unit_mask(layer: CompactLinear, slots: Tensor) -> Tensor:
+    grid = torch.zeros(layer.grid[0] * layer.grid[1], dtype=torch.bool, device=layer.units.device)
     grid[layer.units[slots]] = True
     return expand_blocks(
         grid.view(layer.grid), layer.block, (layer.out_features, layer.in_features)
@@ -440,18 +507,50 @@ def _survivors(old_units: Tensor, new_units: Tensor) -> tuple[Tensor, Tensor]:
     return position[found], torch.nonzero(found).squeeze(1)
 
 
-@register_backend
-class SparseBackend(Backend):
-    """Stored entries only, sparse kernels; ``nn.Linear`` layers on the CPU."""
+class CompactBackend(Backend):
+    """Base of the backends that replace sparse ``nn.Linear`` layers by a :class:`CompactLinear`
+    served by a :class:`CompactStorage` (not registered itself).
 
-    name = "sparse"
+    A subclass names itself, sets the class attributes of :class:`Backend`, builds its layer
+    (:meth:`make_layer`) and says what it supports (:meth:`check_layer`, :meth:`check_block`).
+    """
+
     fixed_capacity = True
-    supported_blocks = SUPPORTED_BLOCKS
-    devices = ("cpu",)
 
     def __init__(self) -> None:
-        self._swapped: list[tuple[nn.Module, str, SparseLinear]] = []
+        self._swapped: list[tuple[nn.Module, str, CompactLinear]] = []
         self._originals: list[nn.Linear] = []
+
+    def make_layer(
+        self, linear: nn.Linear, block: int, capacity: int, reservoir: bool
+    ) -> CompactLinear:
+        """The layer replacing ``linear`` (with ``capacity`` slots of ``block`` x ``block``)."""
+        raise NotImplementedError
+
+    def check_block(self, block: int) -> None:
+        """Raise ``ValueError`` unless the backend stores ``block`` x ``block`` units."""
+        blocks = self.supported_blocks
+        if blocks is not None and block not in blocks:
+            raise ValueError(
+                f"backend {self.name!r} supports block_size in {list(blocks)}, got {block}"
+            )
+
+    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Linear:
+        """Raise ``ValueError`` unless ``info`` is the weight of a plain ``nn.Linear`` inside
+        ``model``; return that layer (subclasses add device and dtype checks)."""
+        linear = model.get_submodule(info.module_name)
+        if not info.module_name:
+            raise ValueError(
+                f"backend {self.name!r} replaces sparse layers inside a model; the model itself "
+                f"is a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
+            )
+        if type(linear) is not nn.Linear or info.attr != "weight":
+            raise ValueError(
+                f"backend {self.name!r} supports nn.Linear weights; {info.name} belongs to "
+                f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
+                "backend 'masked'"
+            )
+        return linear
 
     def attach(
         self,
@@ -462,14 +561,11 @@ class SparseBackend(Backend):
         block_norm: str,
         reservoir: bool,
     ) -> list[SparseTensor]:
-        """Replace every sparse ``nn.Linear`` by a :class:`SparseLinear`; the tensors serve dense
-        host views until :meth:`finish_init` compacts what the method's ``init_masks`` wrote."""
-        if block not in SUPPORTED_BLOCKS:
-            raise ValueError(
-                f"backend 'sparse' supports block_size in {list(SUPPORTED_BLOCKS)}, got {block}"
-            )
+        """Replace every sparse ``nn.Linear`` by the backend's layer; the tensors serve dense
+        views until :meth:`finish_init` compacts what the method's ``init_masks`` wrote."""
+        self.check_block(block)
         for spec in specs:  # every check before the model changes
-            _check_supported(model, spec.info)
+            self.check_layer(model, spec.info)
         return [self._attach_one(model, spec, block, block_norm, reservoir) for spec in specs]
 
     def _attach_one(
@@ -481,7 +577,7 @@ class SparseBackend(Backend):
         capacity = count_for_density(
             linear.weight.numel() // (block * block), spec.capacity_density
         )
-        layer = SparseLinear(linear, block, capacity, reservoir)
+        layer = self.make_layer(linear, block, capacity, reservoir)
         parent_name, _, attr = info.module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, layer)
@@ -509,13 +605,16 @@ class SparseBackend(Backend):
         require_held(tensors, optimizer)
 
     def weight_parameters(self, model: nn.Module) -> list[Tensor]:
-        """The stored values of every :class:`SparseLinear` (1-D for unstructured layers)."""
-        return [m.values for m in model.modules() if isinstance(m, SparseLinear)]
+        """The stored values of every :class:`CompactLinear` (1-D for unstructured layers)."""
+        return [m.values for m in model.modules() if isinstance(m, CompactLinear)]
 
     def export(self, model: nn.Module) -> None:
-        """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere."""
+        """Put plain ``nn.Linear`` layers back, with weight = theta on A and zero elsewhere
+        (on the layer's device, in its values' dtype)."""
         for parent, attr, layer in self._swapped:
-            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            values = layer.values
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=values.device, dtype=values.dtype)  # fmt: skip
             with torch.no_grad():
                 linear.weight.copy_(layer.dense_weight())
             if layer.bias is not None:
@@ -532,21 +631,24 @@ class SparseBackend(Backend):
         self._originals.clear()
 
 
-def _check_supported(model: nn.Module, info: ParamInfo) -> None:
-    linear = model.get_submodule(info.module_name)
-    if not info.module_name:
-        raise ValueError(
-            "backend 'sparse' replaces sparse layers inside a model; the model itself is "
-            f"a {type(linear).__name__}. Wrap it, e.g. nn.Sequential(layer)"
-        )
-    if type(linear) is not nn.Linear or info.attr != "weight":
-        raise ValueError(
-            f"backend 'sparse' supports nn.Linear weights; {info.name} belongs to "
-            f"{type(linear).__name__}. Keep it dense (layout.dense_patterns) or use "
-            "backend 'masked'"
-        )
-    if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
-        raise ValueError(
-            f"backend 'sparse' kernels run on CPU float32; {info.name} is "
-            f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
-        )
+@register_backend
+class SparseBackend(CompactBackend):
+    """Stored entries only, sparse kernels; ``nn.Linear`` layers on the CPU."""
+
+    name = "sparse"
+    supported_blocks = SUPPORTED_BLOCKS
+    devices = ("cpu",)
+
+    def make_layer(
+        self, linear: nn.Linear, block: int, capacity: int, reservoir: bool
+    ) -> CompactLinear:
+        return SparseLinear(linear, block, capacity, reservoir)
+
+    def check_layer(self, model: nn.Module, info: ParamInfo) -> nn.Linear:
+        linear = super().check_layer(model, info)
+        if linear.weight.device.type != "cpu" or linear.weight.dtype != torch.float32:
+            raise ValueError(
+                f"backend 'sparse' kernels run on CPU float32; {info.name} is "
+                f"{linear.weight.dtype} on {linear.weight.device}. Use backend 'masked'"
+            )
+        return linear

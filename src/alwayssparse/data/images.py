@@ -726,9 +726,22 @@ class ImageBatches:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.batches()
+
+    def draw_order(self) -> Tensor:
+        """The order of one epoch: a fresh permutation when training (one draw)."""
         n = len(self.split)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for i in range(len(self)):
+        return torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+
+    def batches(
+        self, order: Tensor | None = None, start: int = 0
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One epoch in ``order`` (default: :meth:`draw_order`), from batch ``start`` on (a
+        resumed run continues the epoch it was in; the augmentation draws follow the
+        generator's state)."""
+        if order is None:
+            order = self.draw_order()
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]  # [B]
             rows = shard_rows(len(idx), self.rank, self.world_size)
             x = self.split.x[idx[rows]]  # [b, C, H, W] uint8

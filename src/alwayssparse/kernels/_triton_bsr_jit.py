@@ -17,6 +17,12 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 # interpreter, whose tl.dot multiplies the raw uint16 bit patterns of bfloat16 tensors
 # (triton-lang/triton#11584, unsupported there); bf16 x bf16 products are exact in float32, so
 # the result matches the GPU's bf16 tensor-core dot up to the order of the fp32 additions.
+#
+# Accumulators start from tl.full(..., 0.0), not tl.zeros: tl.zeros is itself a @triton.jit
+# function, decorated when triton is first imported. If that happened before TRITON_INTERPRET=1
+# was set (any torch.optim step imports triton), it is a compiled JITFunction that the
+# interpreter cannot call ("Cannot call @triton.jit'd outside of the scope of a kernel");
+# tl.full is a builtin, which the interpreter patches. On the GPU both compile the same.
 
 
 @triton.jit
@@ -56,7 +62,7 @@ def dense_bsr_kernel(
 
     start = tl.load(seg_ptr + g)
     end = tl.load(seg_ptr + g + 1)
-    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, B), 0.0, dtype=tl.float32)
     for k in range(start, end):
         col0 = tl.load(idx_ptr + k).to(tl.int64) * B
         slot = tl.load(slot_ptr + k).to(tl.int64)
@@ -106,7 +112,7 @@ def sampled_grad_kernel(
     c0 = tl.load(cols_ptr + k).to(tl.int64) * B
     offs_b = tl.arange(0, B)
     offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((B, B), dtype=tl.float32)
+    acc = tl.full((B, B), 0.0, dtype=tl.float32)
     n_start = s * chunks_per_split * BLOCK_N
     for step in range(chunks_per_split):
         n = n_start + step * BLOCK_N + offs_n

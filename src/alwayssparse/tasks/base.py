@@ -1,8 +1,12 @@
 """A task: one model family with its data, training loss and evaluation.
 
 The training loop (:func:`alwayssparse.train.train`) is the same for every task; a task supplies
-the pieces that differ. Each task has a config dataclass (a section of the run config), builds
-its model and data once, and is asked for batches, losses and evaluations by name.
+the pieces that differ. Each task has a config dataclass (:attr:`Task.config_class`: the run
+config's section named after the task), builds its model and data once, and is asked for batches,
+losses and evaluations by name. A task is one module: its class (registered with
+:func:`register_task`), its config section and its presets
+(:func:`alwayssparse.presets.register_preset`); registering it is all it takes for the run config,
+the command line and the reports to know it.
 
 Under several processes (:mod:`alwayssparse.distributed`) a task is one rank's *shard*:
 ``batch_size`` stays the global batch, every rank draws the same global batch from the shared
@@ -14,6 +18,7 @@ metrics reduced over all ranks (every rank must call it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -26,14 +31,38 @@ class Task:
     """Base class of tasks.
 
     Attributes:
-        name: Registry name (``lm``, ``bert``, ``image``).
+        name: Registry name (``lm``, ``bert``, ``image``), also the name of its config section.
+        config_class: The task's config dataclass (with a ``validate()`` method); the run
+            config holds a default instance as the section ``name``.
         unit: What throughput is counted in (``"tokens"``, ``"images"``).
         metric: The headline evaluation metric (lower is better unless it is ``accuracy``).
     """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type[Any]]
     unit: ClassVar[str] = "examples"
     metric: ClassVar[str] = "loss"
+
+    @classmethod
+    def size_label(cls, section: Mapping[str, Any]) -> str:
+        """A short model-size label for reports, from the task's section of a run's
+        ``config.json`` (``"?"`` when the task has no rule or the section lacks what it reads)."""
+        return "?"
+
+    @classmethod
+    def use_data(cls, section: Any, corpus: str, paths: list[str]) -> None:
+        """Point the task's config ``section`` at data named on the command line.
+
+        Args:
+            section: The task's config section (an instance of :attr:`config_class`).
+            corpus: ``"text"`` (``--text``: files or directories) or ``"enwik8"``
+                (``--enwik8``: one file).
+            paths: The paths given.
+
+        Raises:
+            ValueError: If the task cannot read that data; the message names what it reads.
+        """
+        raise ValueError(f"task {cls.name} does not read --{corpus} data")
 
     def __init__(
         self,

@@ -12,7 +12,9 @@ that DDP's average over ranks is exactly the global loss.
 
 from __future__ import annotations
 
+import functools
 import sysconfig
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +24,8 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+# The run config holds this task's section: imported as a module, read when a preset is built.
+from alwayssparse import runconfig
 from alwayssparse.data.bert import (
     IGNORE_INDEX,
     BertBatch,
@@ -33,7 +37,8 @@ from alwayssparse.data.bert import (
     train_wordpiece,
 )
 from alwayssparse.distributed import broadcast_object
-from alwayssparse.models.bert import BertConfig, BertForPreTraining, bert_config
+from alwayssparse.models.bert import BERT_PRESETS, BertConfig, BertForPreTraining, bert_config
+from alwayssparse.presets import register_preset
 from alwayssparse.tasks.base import Task, register_task
 
 
@@ -103,8 +108,32 @@ class BertTask(Task):
     """MLM + NSP loss; evaluation: held-out MLM and NSP loss."""
 
     name = "bert"
+    config_class = BertTaskConfig
     unit = "sequences"
     metric = "mlm_loss"
+
+    @classmethod
+    def size_label(cls, section: Mapping[str, Any]) -> str:
+        """``BERT-Mini`` for the sizes of Turc et al.'s family, else ``L3/H256``."""
+        model = section.get("model", {})
+        if "hidden_size" not in model or "num_layers" not in model:
+            return "?"
+        shape = (model["hidden_size"], model["num_layers"])
+        names = [name for name, preset in BERT_PRESETS.items() if preset == shape]
+        return f"BERT-{names[0].capitalize()}" if names else f"L{shape[1]}/H{shape[0]}"
+
+    @classmethod
+    def use_data(cls, section: BertTaskConfig, corpus: str, paths: list[str]) -> None:
+        """``--text`` files (documents separated by blank lines) as ``bert.files``."""
+        if corpus != "text":
+            raise ValueError(
+                f"task bert reads text files, not --{corpus}: give them with --text FILE... "
+                "(or bert.files=[...])"
+            )
+        folders = [path for path in paths if Path(path).is_dir()]
+        if folders:
+            raise ValueError(f"task bert reads text files, not directories: {folders}")
+        section.files = list(paths)
 
     def __init__(
         self,
@@ -220,3 +249,46 @@ class BertTask(Task):
         tokenizer = Tokenizer.from_str(state["tokenizer"])
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             self._use_tokenizer(tokenizer)
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+def _bert(size: str, steps: int = 100_000) -> runconfig.RunConfig:
+    """BERT pre-training with dynsparse-bert.md appendix A: Adam (0.9, 0.999, eps 1e-6), weight
+    decay 0.01, linear warm-up over 10000 steps then linear decay, sequence length 128,
+    DynSparse at sparsity 0.9 on all non-embedding weights."""
+    config = runconfig.RunConfig(task="bert")
+    config.bert.model = bert_config(size)
+    lr = {"medium": 2e-4, "base": 1e-4}.get(size, 4e-4)
+    config.optim = runconfig.OptimConfig(name="adamw", lr=lr, beta2=0.999, eps=1e-6,
+                                         weight_decay=0.01, warmup_steps=10_000,
+                                         schedule="linear", min_lr_ratio=0.0,
+                                         sparsity_lr_scaling=True)  # fmt: skip
+    config.train = runconfig.LoopConfig(steps=steps, batch_size=256, eval_interval=5000,
+                                        checkpoint_interval=5000, final_eval_batches=0,
+                                        flop_scope=["layers"])  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "dynsparse", 0.9
+    config.sparsity.dynsparse.init_std = 0.02
+    return config
+
+
+for _size in ("tiny", "mini", "small", "medium", "base"):
+    register_preset(
+        f"bert-{_size}",
+        f"BERT-{_size.capitalize()} MLM+NSP pre-training, DynSparse s=0.9 (dynsparse-bert.md "
+        "appendix A); needs --text FILE... or bert.files=[...]",
+    )(functools.partial(_bert, _size))
+
+
+@register_preset("bert-tiny-here")
+def bert_tiny_here() -> runconfig.RunConfig:
+    """BERT-Tiny shape (vocab 2000, seq 64) on standard-library text; seconds here."""
+    config = _bert("tiny", steps=100)
+    config.bert.model = bert_config("tiny", vocab_size=2000)
+    config.bert.max_seq_len = 64
+    config.optim.warmup_steps = 10
+    config.train = runconfig.LoopConfig(steps=100, batch_size=16, eval_interval=50,
+                                        eval_batches=4, final_eval_batches=8,
+                                        checkpoint_interval=50, flop_scope=["layers"])  # fmt: skip
+    return config

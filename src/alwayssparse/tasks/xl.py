@@ -16,16 +16,28 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+# The run config holds this task's section: imported as a module, read when a preset is built.
+from alwayssparse import runconfig
 from alwayssparse.data import ByteDataConfig, load_byte_corpus
 from alwayssparse.data.wikitext import OrderedSegments, load_wikitext103, segment_nll_sums
-from alwayssparse.models.transformer_xl import TransformerXL, TransformerXLConfig, enwik8_tiny
+from alwayssparse.models.transformer_xl import (
+    TransformerXL,
+    TransformerXLConfig,
+    enwik8_large,
+    enwik8_small,
+    enwik8_tiny,
+    wikitext103_large,
+)
+from alwayssparse.presets import register_preset
 from alwayssparse.tasks.base import Task, register_task
+from alwayssparse.tasks.lm import transformer_size
 
 
 @dataclass
@@ -57,7 +69,18 @@ class TransformerXLTask(Task):
     """Ordered segments with recurrence memory; BPC for bytes, perplexity for words."""
 
     name = "xl"
+    config_class = XLConfig
     unit = "tokens"
+
+    @classmethod
+    def size_label(cls, section: Mapping[str, Any]) -> str:
+        """``L24/d512``: layers and width."""
+        return transformer_size(section)
+
+    @classmethod
+    def use_data(cls, section: XLConfig, corpus: str, paths: list[str]) -> None:
+        """``--text`` files or directories, or the ``--enwik8`` file, as the byte corpus."""
+        section.data.name, section.data.paths = corpus, list(paths)
 
     def __init__(
         self,
@@ -174,3 +197,53 @@ class TransformerXLTask(Task):
             stacklevel=3,
         )
         return None
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+
+def _xl(model_config: Any, steps: int, batch: int, data: str = "enwik8") -> runconfig.RunConfig:
+    """Transformer-XL with the optimiser of topkast.md appendix A: Adam, warm-up over 4000 steps
+    from 1e-7 to 2e-4, cosine decay, gradient clipping by global norm 0.25; Top-KAST (80%, 0%)."""
+    config = runconfig.RunConfig(task="xl")
+    config.xl.model = model_config
+    if data == "enwik8":
+        config.xl.data.name = "enwik8"
+    config.optim = runconfig.OptimConfig(name="adam", lr=2e-4, beta2=0.999, warmup_steps=4000,
+                                         warmup_initial_lr=1e-7, schedule="cosine",
+                                         min_lr_ratio=0.0, grad_clip=0.25)  # fmt: skip
+    config.train = runconfig.LoopConfig(steps=steps, batch_size=batch, eval_interval=4000,
+                                        eval_batches=50, final_eval_batches=0,
+                                        checkpoint_interval=4000)  # fmt: skip
+    config.sparsity.method, config.sparsity.sparsity = "topkast", 0.8
+    config.sparsity.topkast.backward_sparsity = 0.0
+    return config
+
+
+@register_preset("enwik8-xl-large")
+def enwik8_xl_large() -> runconfig.RunConfig:
+    """Transformer-XL 24L d1024 on enwik8 (Table 4, 277M); needs --enwik8 PATH."""
+    return _xl(enwik8_large(), steps=400_000, batch=22)
+
+
+@register_preset("enwik8-xl-small")
+def enwik8_xl_small() -> runconfig.RunConfig:
+    """Transformer-XL d512 on enwik8 (Table 5, 69M); needs --enwik8 PATH."""
+    return _xl(enwik8_small(), steps=400_000, batch=22)
+
+
+@register_preset("wikitext103-xl-large")
+def wikitext103_xl_large() -> runconfig.RunConfig:
+    """Transformer-XL 18L d1024 on WikiText-103 (Table 4, 285M); needs xl.wikitext103=DIR."""
+    return _xl(wikitext103_large(), steps=200_000, batch=60, data="wikitext103")
+
+
+@register_preset("xl-tiny")
+def xl_tiny() -> runconfig.RunConfig:
+    """A tiny Transformer-XL on the default corpus, Top-KAST (80%, 0%); ~1 min here."""
+    config = _xl(enwik8_tiny(), steps=300, batch=8, data="pystdlib")
+    config.xl.data.max_bytes = 1_000_000
+    config.optim.warmup_steps, config.optim.lr = 30, 1e-3
+    config.train.eval_interval, config.train.checkpoint_interval = 100, 100
+    config.train.final_eval_batches = 50
+    return config
