@@ -105,8 +105,8 @@ def dense_theta(t: Any) -> Tensor:
     layer = t.module
     if isinstance(layer, SparseLinear):
         theta = layer.reservoir.clone()
-        n = layer.stored()
-        write_units(theta, layer.units[:n].long(), layer.block, layer.tiles().detach()[:n])
+        slots = layer.unit_slots()
+        write_units(theta, layer.units[slots].long(), layer.block, layer.tiles().detach()[slots])
         return theta
     return t.weight.detach().clone()
 

@@ -95,6 +95,8 @@ class TopologyChange:
         left_units: Sorted units that left B, or ``None``.
         entered_a_units: Sorted units that entered A, or ``None`` (unknown).
         left_a_units: Sorted units that left A (into B \\ A or out of B), or ``None``.
+        reset_slots: For compact storage patched in place: the slots whose optimizer state
+            starts at zero (units entered or left them); every other slot's state stays.
     """
 
     entered: Tensor | None = None
@@ -103,6 +105,7 @@ class TopologyChange:
     left_units: Tensor | None = None
     entered_a_units: Tensor | None = None
     left_a_units: Tensor | None = None
+    reset_slots: Tensor | None = None
 
     def entered_mask(self, storage: UnitStorage) -> Tensor:
         """``entered`` as a bool tensor of the storage's ``weight`` shape (dense storage)."""
@@ -192,11 +195,13 @@ class UnitStorage(ABC):
 
     # -- bookkeeping with defaults ---------------------------------------------------------------
 
-    def assign_delta(self, units: Tensor, in_a: Tensor, delta: UnitDelta) -> TopologyChange:
-        """``assign(units, in_a)`` for a caller that also knows what changes (``delta``,
-        consistent with the sets before and after): a storage may then skip finding it, and
-        write only the changed units. Default: ``assign``."""
-        return self.assign(units, in_a)
+    def assign_delta(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None = None
+    ) -> TopologyChange:
+        """``assign(units, in_a, zeroed)`` for a caller that also knows what changes
+        (``delta``, consistent with the sets before and after): a storage may then skip
+        finding it, and touch only the changed units. Default: ``assign``."""
+        return self.assign(units, in_a, zeroed)
 
     def reservoir_token(self) -> object | None:
         """An opaque value, equal (``==``) between two calls while B and theta outside B changed
@@ -315,12 +320,14 @@ class DenseStorage(UnitStorage):
         )  # fmt: skip
         return self._apply(units, in_a, delta, zeroed)
 
-    def assign_delta(self, units: Tensor, in_a: Tensor, delta: UnitDelta) -> TopologyChange:
+    def assign_delta(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None = None
+    ) -> TopologyChange:
         device = self.grad_mask.device
         units = units.to(device=device, dtype=torch.long)
         in_a = in_a.to(device=device, dtype=torch.bool)
         moved = UnitDelta(*(d.to(device=device, dtype=torch.long) for d in vars(delta).values()))
-        return self._apply(units, in_a, moved, None)
+        return self._apply(units, in_a, moved, zeroed)
 
     def _apply(
         self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None
