@@ -2,16 +2,20 @@
 
 Each sparse ``nn.Linear`` is replaced by a :class:`SparseLinear` that holds
 
-- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B, in
-  CSR/BSR order: shape (capacity,) for entries, (capacity * b, b) for b x b blocks (slot s is
-  rows s*b .. s*b + b - 1, one block, so block norms and the group-lasso step of the dense code
-  apply to it unchanged). Its size (the *capacity*) is fixed for the whole run, so the optimizer
-  keeps the same parameter object and its state (momentum, Adam moments) exists only for stored
-  entries;
-- ``units``: the sorted flat indices of the stored units on the block grid in the first slots,
-  -1 for unused slots (which only gradual magnitude pruning leaves as it shrinks); int32 (int64
-  only for grids of 2^31 units or more), as are the cached kernel indices (column indices,
-  transposes, slots; CSR row pointers stay int64), so indices cost 4 bytes per stored unit;
+- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B: shape
+  (capacity,) for entries, (capacity * b, b) for b x b blocks (slot s is rows s*b .. s*b + b - 1,
+  one block, so block norms and the group-lasso step of the dense code apply to it unchanged).
+  Its size (the *capacity*) is fixed for the whole run, so the optimizer keeps the same
+  parameter object and its state (momentum, Adam moments) exists only for stored entries;
+- ``units``: the flat index on the block grid of the unit each slot holds, -1 for a free slot;
+  int32 (int64 only for grids of 2^31 units or more), as are the cached kernel indices (column
+  indices, transposes, slots; CSR row pointers stay int64), so indices cost 4 bytes per stored
+  unit. Slot order: after a rebuild (compaction, ``CompactStorage.assign``) the used slots come
+  first, in unit order, which the GPU layer's layouts require; :class:`SparseLinear` then keeps
+  every surviving unit in its slot through patched updates (``CompactStorage.assign_delta``),
+  so its slots are in no particular order and its index structures map positions to slots
+  (:meth:`CompactLinear.unit_slots` gives B's slots in unit order for either). A free slot
+  holds zero and zero optimizer state;
 - ``in_a``: which slots belong to the forward set A;
 - ``reservoir`` (Top-KAST only): theta of the whole tensor on the host (paper section 2.4: the
   top-k can be computed off the accelerator). Only the entries outside B are read from it.
@@ -24,14 +28,20 @@ Training step (kernels in :mod:`alwayssparse.kernels`, no dense weight or weight
 
 Mask updates run in unit space (:class:`alwayssparse.sparse_tensor.UnitStorage`): the methods read
 B's sorted unit indices, A's flags and the block norms of the stored values, and hand back the
-new sorted units; :class:`CompactStorage` rebuilds the slots from them, carrying each surviving
-unit's value and optimizer state to its new slot (units that enter B start with zero optimizer
-state, and theta from the reservoir, or zero without one). Prune/regrow, RigL and GMP updates
-allocate O(capacity) memory, nothing of the weight's size; a Top-KAST refresh writes the stored
-values into the reservoir in place and ranks it (the grid scores and the top-k's temporaries, see
-:mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view of
-the layer (while the dense ``nn.Linear`` still exists), and only :meth:`SparseBackend.dense_masks`
-and :meth:`SparseLinear.dense_weight` (inspection, export) build dense tensors afterwards.
+new sorted units, with what changed (:class:`~alwayssparse.sparse_tensor.UnitDelta`) when they
+know it (Top-KAST's incremental refresh, prune/regrow, GMP). Given the change,
+:class:`SparseLinear` touches only the changed units: leaving units free their slots (their values
+go to the reservoir, if any), entering ones take the lowest free slots (theta from the reservoir,
+or zero without one) with zero optimizer state, survivors keep slot, value and state, and B's
+CSR, A's CSR and A's CSC transpose are patched (O(|B|) memory moves, no sort, no rebuild).
+Without it :class:`CompactStorage` rebuilds the slots in unit order, carrying each surviving
+unit's value and optimizer state to its new slot. Updates allocate O(capacity) memory, nothing of
+the weight's size; only a Top-KAST refresh that cannot be decided from its ranked reservoir (the
+first one, and rare ones after) writes the stored values into the reservoir and ranks all of it
+(see :mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view
+of the layer (while the dense ``nn.Linear`` still exists), and only
+:meth:`SparseBackend.dense_masks` and :meth:`SparseLinear.dense_weight` (inspection, export)
+build dense tensors afterwards.
 
 The storage is shared with the GPU backend (:mod:`alwayssparse.backends.gpu`): the layer's
 slots, units, flags and reservoir are :class:`CompactLinear`, of which :class:`SparseLinear` is

@@ -21,13 +21,22 @@ choice) or over all sparse tensors at once (``selection="global"``).
 Ablations of Table 1: ``random_exploration`` draws B\\A uniformly from outside A instead of by
 magnitude; ``exploration_stop_step`` = t makes B = A from step t on (no more updates to B\\A).
 
-A refresh ranks theta of the whole tensor: the top-k runs on the host over the grid scores
-(``UnitStorage.grid_scores``; on the sparse backend, the reservoir with the stored values written
-in, paper section 2.4). Since top-(D) is a subset of top-(D + M) under the same total order (score,
-then lower index), B is selected over the grid and A only among B's units. Allocated per tensor
-and refresh, besides O(|B|) index arrays: the grid scores (one float per unit; with 1x1 units
-|theta|), numpy's partition copy of them (one float per unit) and the comparison masks of the
-selection (one bool per unit each); ``random_exploration`` adds one random float per unit.
+A refresh costs what changed, not the dense size (DESIGN.md, "A step costs what changed"): theta
+outside B never changes between refreshes, so the reservoir's best units are kept ranked
+(:class:`alwayssparse.ranking.RankedReservoir`, per selection group: a tensor, or all of them with
+``selection="global"``) and the new B and A are selected from B's current scores (the stored
+units' block norms, ``UnitStorage.unit_scores``) merged with that ranking: O(|B|) plus the units
+that cross a boundary, with the same result and tie rule as the exact top-k over the grid (score,
+then lower index; per tensor, or over the concatenation). The storage is told what changed
+(``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
+(``UnitStorage.grid_scores``; on the sparse backend the reservoir with the stored values written
+in, paper section 2.4) only when that ranking is missing or stale (the first refresh; after a
+checkpoint load or any assign not made here, which change the storage's ``reservoir_token``; a
+storage without a token) or cannot decide (the units that would enter lie beyond the ranked part
+of the reservoir), and always with ``random_exploration`` (B\\A is drawn afresh each refresh, so
+nothing carries over). Allocated per group and refresh: O(|B|) index and key arrays, and the
+ranked reservoir (one int64 key per unit, up to |B| of them); a full ranking adds the grid scores
+(one float per unit), numpy's partition copy and the selection masks (one bool per unit each).
 """
 
 from __future__ import annotations
@@ -307,6 +316,8 @@ class TopKAST(Method):
             or entered_a is None
             or change.entered_units is None
             or change.left_units is None
+            or change.moved is not None  # entries (slots) moved: a compact storage
+            or change.reset_slots is not None
             or cached[1].shape != t.shape
         ):
             return
