@@ -112,10 +112,17 @@ class RankedReservoir:
     """
 
     def __init__(self, frontier: np.ndarray, floor: int, size: int) -> None:
-        self.frontier = frontier
+        # Kept ascending (the best last): units enter B from the end, and leaving ones are
+        # inserted with one search, without reversed copies.
+        self._ascending = np.ascontiguousarray(frontier[::-1])
         self.floor = floor
         self.size = size
         self.tokens: list[object] | None = None
+
+    @property
+    def frontier(self) -> np.ndarray:
+        """Keys of C's best units, descending (a view)."""
+        return self._ascending[::-1]
 
     @classmethod
     def build(cls, reservoir_keys: np.ndarray, size: int) -> RankedReservoir:
@@ -165,17 +172,15 @@ class RankedReservoir:
         return Selection(keep, entering, keep_in_a, entering_in_a)
 
     def _update_frontier(self, taken: int, dropped: np.ndarray) -> None:
-        """Remove the ``taken`` best units (they entered B); add ``dropped`` (they left it),
-        those above the floor."""
-        remaining = self.frontier[taken:]
+        """Remove the ``taken`` best units (they entered B); add ``dropped`` (descending: they
+        left it), those above the floor."""
+        remaining = self._ascending[: self._ascending.size - taken]
         if self.floor >= 0:
             dropped = dropped[dropped > self.floor]
         if dropped.size:
-            # Both descending: insert into the ascending reversal, then reverse back.
-            ascending = remaining[::-1]
-            places = np.searchsorted(ascending, dropped[::-1])
-            remaining = np.insert(ascending, places, dropped[::-1])[::-1]
-        self.frontier = np.ascontiguousarray(remaining)
+            dropped = dropped[::-1]
+            remaining = np.insert(remaining, np.searchsorted(remaining, dropped), dropped)
+        self._ascending = remaining
 
 
 def _select_a(

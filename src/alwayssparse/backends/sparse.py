@@ -344,7 +344,17 @@ class SparseLinear(CompactLinear):
         return slots_t, left_t
 
     def product(self, x: Tensor) -> Tensor:
-        return _SparseLinearFunction.apply(x, self.values, self)
+        return _SparseLinearFunction.apply(x, self.values, None, self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The bias is added inside the kernel, to the finished sums (no extra pass over y)."""
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            y = _SparseLinearFunction.apply(x2, self.values, None, self).add_(bias)
+        else:
+            y = _SparseLinearFunction.apply(x2, self.values, bias, self)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 @dataclass
@@ -511,7 +521,8 @@ class _Topology:
         at_t = np.searchsorted(t_keys, new_keys)
         self.t_keys = np.insert(t_keys, at_t, new_keys)
         self.t_slots = np.insert(t_slots, at_t, new_t_slots)
-        self.t_rows = (self.t_keys % self.grid[0]).astype(self.cols_dtype)
+        new_rows = (new_keys % self.grid[0]).astype(self.cols_dtype)
+        self.t_rows = np.insert(np.delete(self.t_rows, gone_t), at_t, new_rows)
         self.t_ptr = self._shift_ptr(self.t_ptr, entered_a % grid_cols, left_a % grid_cols)
         if entered.size or left.size:
             self.identity = False
@@ -535,7 +546,9 @@ class _SparseLinearFunction(torch.autograd.Function):
     how slots map to the patterns' positions)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, layer: SparseLinear) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseLinear
+    ) -> Tensor:
         topology = layer.topology()
         t = topology.torch
         block = layer.block
@@ -547,12 +560,15 @@ class _SparseLinearFunction(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, values)
         ctx.layer, ctx.topology = layer, topology
+        b = None if bias is None else bias.detach().contiguous()
         if block == 1:
-            return kernels.spmm_trusted(t.a_ptr, t.a_cols, a_values, x, layer.out_features)
-        return kernels.bsr_spmm_trusted(t.a_ptr, t.a_cols, a_values, x, layer.out_features)
+            return kernels.spmm_trusted(t.a_ptr, t.a_cols, a_values, x, layer.out_features, b)
+        return kernels.bsr_spmm_trusted(t.a_ptr, t.a_cols, a_values, x, layer.out_features, b)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, values = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
         topology: _Topology = ctx.topology
@@ -583,7 +599,8 @@ class _SparseLinearFunction(torch.autograd.Function):
                 grad_values = torch.zeros_like(values)
                 rows = grad_values.view(layer.capacity, -1)
                 rows.index_copy_(0, t.order, sampled.view(t.order.numel(), -1))
-        return grad_x, grad_values, None
+        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None
 
 
 class CompactStorage(UnitStorage):

@@ -330,15 +330,17 @@ def bsr_sampled_grad(
 # checked functions would accept: int64 pointers, int32/int64 indices, contiguous float32.
 
 
-def spmm_trusted(ptr, idx, values, x, rows: int) -> torch.Tensor:
-    """``x @ S^T`` for CSR ``S`` (``rows`` x ``x.shape[1]``) with 1-D ``values`` in CSR order.
+def spmm_trusted(ptr, idx, values, x, rows: int, bias=None) -> torch.Tensor:
+    """``x @ S^T (+ bias)`` for CSR ``S`` (``rows`` x ``x.shape[1]``) with 1-D ``values`` in
+    CSR order; the bias (``rows`` floats) is added to the finished sums, as ``y + bias``.
 
     With the CSC pattern of ``W`` (``col_ptr, row_idx``), ``values`` in CSC order and
     ``x = grad_y`` this is the input gradient ``grad_y @ W``."""
     ext = _ext()
     if ext is None:
-        return _ref.csr_matmul(ptr, idx, values, x, rows)
-    return ext.csr_spmm(ptr, idx, values, x, rows, 0)
+        y = _ref.csr_matmul(ptr, idx, values, x, rows)
+        return y if bias is None else y.add_(bias)
+    return ext.csr_spmm(ptr, idx, values, x, rows, 0, bias)
 
 
 def sddmm_trusted(ptr, idx, grad_y, x) -> torch.Tensor:
@@ -349,12 +351,13 @@ def sddmm_trusted(ptr, idx, grad_y, x) -> torch.Tensor:
     return ext.csr_sddmm(ptr, idx, grad_y, x, 0)
 
 
-def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int) -> torch.Tensor:
-    """``x @ W^T`` for BSR ``W`` with ``blocks`` (nnz, b, b) in block-CSR order."""
+def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int, bias=None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for BSR ``W`` with ``blocks`` (nnz, b, b) in block-CSR order."""
     ext = _ext()
     if ext is None:
-        return _ref.bsr_matmul(ptr, idx, blocks, x, rows)
-    return ext.bsr_spmm(ptr, idx, blocks.transpose(1, 2).contiguous(), x, rows)
+        y = _ref.bsr_matmul(ptr, idx, blocks, x, rows)
+        return y if bias is None else y.add_(bias)
+    return ext.bsr_spmm(ptr, idx, blocks.transpose(1, 2).contiguous(), x, rows, bias)
 
 
 def bsr_spmm_t_trusted(col_ptr, row_idx, blocks, grad_y, cols: int) -> torch.Tensor:
