@@ -199,6 +199,12 @@ def block_norms(values: Tensor, block: int, norm: str) -> Tensor:
     ``L^p(B) = (sum_ij |B_ij|^p)^(1/p)`` for p = 1 (``"l1"``), 2 (``"l2"``), inf (``"linf"``,
     the largest magnitude). With ``block == 1`` every norm is ``|values|`` (same shape).
 
+    The sums run in one fixed order of elementwise additions (pairwise, over the columns of a
+    tile, then over its rows), never through a reduction kernel whose order depends on the
+    memory layout: a tile scored on the whole grid, alone, or among gathered tiles
+    (:func:`tile_norms`) gets the same bits, so a selection over the grid and one over a few
+    units rank them identically.
+
     Returns:
         A (rows / block, cols / block) tensor for the matrix view of ``values``.
     """
@@ -210,11 +216,24 @@ def block_norms(values: Tensor, block: int, norm: str) -> Tensor:
     matrix = matrix_view(magnitude)
     rows, cols = matrix.shape
     tiles = matrix.reshape(rows // block, block, cols // block, block)
-    if norm == "l1":
-        return tiles.sum(dim=(1, 3))
+    if norm == "linf":
+        return tiles.amax(dim=(1, 3))  # a maximum does not depend on the order
     if norm == "l2":
-        return tiles.square().sum(dim=(1, 3)).sqrt()
-    return tiles.amax(dim=(1, 3))
+        tiles = tiles.square()
+    sums = _pairwise_sum(_pairwise_sum(tiles, 3), 1)
+    return sums.sqrt() if norm == "l2" else sums
+
+
+def _pairwise_sum(x: Tensor, dim: int) -> Tensor:
+    """Sum over ``dim`` (removed) by halving: elementwise adds in an order fixed by the size."""
+    size = x.shape[dim]
+    while size > 1:
+        half = size // 2
+        summed = x.narrow(dim, 0, half) + x.narrow(dim, half, half)
+        if size % 2:
+            summed = torch.cat([summed, x.narrow(dim, 2 * half, 1)], dim)
+        x, size = summed, summed.shape[dim]
+    return x.squeeze(dim)
 
 
 def expand_blocks(block_mask: Tensor, block: int, shape: Sequence[int]) -> Tensor:
@@ -247,6 +266,9 @@ def unit_tiles(tensor: Tensor, block: int) -> Tensor:
 
 def gather_units(tensor: Tensor, units: Tensor, block: int) -> Tensor:
     """The (n, b, b) tiles of ``tensor`` at the flat block-grid indices ``units``."""
+    if block == 1:  # the grid is the tensor: one flat gather
+        index = units.to(device=tensor.device, dtype=torch.long)
+        return tensor.view(-1).index_select(0, index).view(-1, 1, 1)
     tiles = unit_tiles(tensor, block)
     grid_cols = tiles.shape[2]
     return tiles[torch.div(units, grid_cols, rounding_mode="floor"), :, units % grid_cols, :]
@@ -254,6 +276,13 @@ def gather_units(tensor: Tensor, units: Tensor, block: int) -> Tensor:
 
 def write_units(tensor: Tensor, units: Tensor, block: int, values: Tensor | float) -> None:
     """``tensor``'s tiles at ``units`` = ``values`` ((n, b, b) or a scalar), in place."""
+    if block == 1:
+        flat, index = tensor.view(-1), units.to(device=tensor.device, dtype=torch.long)
+        if isinstance(values, Tensor):
+            flat.index_copy_(0, index, values.reshape(-1).to(flat))
+        else:
+            flat.index_fill_(0, index, values)
+        return
     tiles = unit_tiles(tensor, block)
     grid_cols = tiles.shape[2]
     rows, cols = torch.div(units, grid_cols, rounding_mode="floor"), units % grid_cols

@@ -18,6 +18,22 @@ ones. It returns a :class:`TopologyChange`, which :class:`~alwayssparse.Sparsity
 ``storage.carry_state(optimizer, change)`` so that the optimizer state follows the entries (and
 starts at zero for entries that entered B). A method calls ``assign`` at most once per tensor
 and update and returns the changes by tensor name.
+
+Optional parts of the contract (each with a default that works for any storage, at O(n)):
+
+    reservoir_token()    an opaque value that stays equal while neither B nor theta outside B
+                         changed other than by training B; lets a method keep a ranking of the
+                         reservoir C between its own assigns (Top-KAST,
+                         :mod:`alwayssparse.ranking`). Default ``None``: unknown, rank the whole
+                         grid every time.
+    mark_forward(mask, change)
+                         ``mask |= A``; given the :class:`TopologyChange` that led to this A, a
+                         storage may mark only the units that entered A (``mask`` already holds
+                         the old A).
+
+and :class:`TopologyChange` may describe the change in unit space (``entered_units``,
+``left_units``, ``entered_a_units``) instead of, or besides, a dense ``entered`` mask, so that
+bookkeeping touches only what changed.
 """
 
 from __future__ import annotations
@@ -70,14 +86,54 @@ class TopologyChange:
 
     Attributes:
         entered: Bool tensor of ``weight``'s shape: entries (or slots) that entered B; their
-            optimizer state starts at zero.
+            optimizer state starts at zero. ``None`` when the change is given in unit space
+            (``entered_units``): :meth:`entered_mask` builds it on demand.
         moved: For storage whose entries change slots (compact storage): the (old slots, new
             slots) of the units kept in B; their optimizer state moves with them. ``None``:
             entries keep their place.
+        entered_units: Sorted units (block-grid indices) that entered B, or ``None``.
+        left_units: Sorted units that left B, or ``None``.
+        entered_a_units: Sorted units that entered A, or ``None`` (unknown).
+        left_a_units: Sorted units that left A (into B \\ A or out of B), or ``None``.
+        reset_slots: For compact storage patched in place: the slots whose optimizer state
+            starts at zero (units entered or left them); every other slot's state stays.
+    """
+
+    entered: Tensor | None = None
+    moved: tuple[Tensor, Tensor] | None = None
+    entered_units: Tensor | None = None
+    left_units: Tensor | None = None
+    entered_a_units: Tensor | None = None
+    left_a_units: Tensor | None = None
+    reset_slots: Tensor | None = None
+
+    def entered_mask(self, storage: UnitStorage) -> Tensor:
+        """``entered`` as a bool tensor of the storage's ``weight`` shape (dense storage)."""
+        if self.entered is not None:
+            return self.entered
+        if self.entered_units is None:
+            raise ValueError("a TopologyChange needs entered or entered_units")
+        weight = storage.weight
+        mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+        write_units(mask, self.entered_units.to(weight.device), storage.tensor.block, True)
+        return mask
+
+
+@dataclass
+class UnitDelta:
+    """What a mask update changes, when the caller knows it: sorted int64 units.
+
+    Attributes:
+        entered: Units that enter B.
+        left: Units that leave B.
+        entered_a: Units that enter A.
+        left_a: Units that leave A (staying in B or not).
     """
 
     entered: Tensor
-    moved: tuple[Tensor, Tensor] | None = None
+    left: Tensor
+    entered_a: Tensor
+    left_a: Tensor
 
 
 class UnitStorage(ABC):
@@ -139,12 +195,38 @@ class UnitStorage(ABC):
 
     # -- bookkeeping with defaults ---------------------------------------------------------------
 
+    def assign_delta(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None = None
+    ) -> TopologyChange:
+        """``assign(units, in_a, zeroed)`` for a caller that also knows what changes
+        (``delta``, consistent with the sets before and after): a storage may then skip
+        finding it, and touch only the changed units. Default: ``assign``."""
+        return self.assign(units, in_a, zeroed)
+
+    def reservoir_token(self) -> object | None:
+        """An opaque value, equal (``==``) between two calls while B and theta outside B changed
+        only by training B (the optimizer and ``write`` on B). A method that ranked the
+        reservoir C may then reuse that ranking: theta on C, and on the units that left B at
+        its own last ``assign`` (with the values it scored them by), is what it was.
+
+        Anything else (another ``assign``, a checkpoint load, a move to another device) must
+        change it. Default ``None``: the storage cannot tell; rank the whole grid every time.
+        """
+        return None
+
     def carry_state(self, optimizer: torch.optim.Optimizer, change: TopologyChange) -> None:
         """Optimizer state after ``change``: zero outside B and for entries that entered B."""
-        zero_state(optimizer, self.weight, ~self.grad_mask | change.entered)
+        zero_state(optimizer, self.weight, ~self.grad_mask | change.entered_mask(self))
 
-    def mark_forward(self, mask: Tensor) -> None:
-        """``mask |= A`` in place, for a dense bool ``mask`` of the parameter's shape."""
+    def mark_forward(self, mask: Tensor, change: TopologyChange | None = None) -> None:
+        """``mask |= A`` in place, for a dense bool ``mask`` of the parameter's shape.
+
+        With the ``change`` that produced this A and ``mask`` already holding the A before it,
+        only the units that entered A (``change.entered_a_units``) need marking.
+        """
+        if change is not None and change.entered_a_units is not None:
+            write_units(mask, change.entered_a_units.to(mask.device), self.tensor.block, True)
+            return
         units, in_a = self.units()
         write_units(mask, units[in_a], self.tensor.block, True)
 
@@ -200,10 +282,21 @@ class DenseStorage(UnitStorage):
     def dense_masks(self) -> tuple[Tensor, Tensor]:
         return self.forward_mask, self.grad_mask
 
+    _units_cache: tuple[TensorsKey, Tensor, Tensor] | None = None
+
     def units(self) -> tuple[Tensor, Tensor]:
+        """B's units and A's flags: read from the masks once per change (O(n)), kept until the
+        masks are written again (``assign`` leaves them here for the next call). The returned
+        tensors are shared: do not modify them."""
+        key = TensorsKey((self.forward_mask, self.grad_mask))
+        cached = self._units_cache
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         t = self.tensor
         units = torch.nonzero(t.collapse(self.grad_mask).reshape(-1)).squeeze(1)
-        return units, t.collapse(self.forward_mask).reshape(-1)[units]
+        in_a = t.collapse(self.forward_mask).reshape(-1)[units]
+        self._units_cache = (key, units, in_a)
+        return units, in_a
 
     def unit_scores(self) -> Tensor:
         t = self.tensor
@@ -214,17 +307,48 @@ class DenseStorage(UnitStorage):
         return self.tensor.scores()
 
     def assign(self, units: Tensor, in_a: Tensor, zeroed: Tensor | None = None) -> TopologyChange:
+        """Write only the units that enter or leave A and B into the masks: O(|B| log |B|) to
+        find them (against the cached old units), O(changed) to write them."""
+        device = self.grad_mask.device
+        old_units, old_in_a = self.units()
+        units = units.to(device=device, dtype=torch.long)
+        in_a = in_a.to(device=device, dtype=torch.bool)
+        new_a, old_a = units[in_a], old_units[old_in_a]
+        delta = UnitDelta(
+            entered=difference(units, old_units), left=difference(old_units, units),
+            entered_a=difference(new_a, old_a), left_a=difference(old_a, new_a),
+        )  # fmt: skip
+        return self._apply(units, in_a, delta, zeroed)
+
+    def assign_delta(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None = None
+    ) -> TopologyChange:
+        device = self.grad_mask.device
+        units = units.to(device=device, dtype=torch.long)
+        in_a = in_a.to(device=device, dtype=torch.bool)
+        moved = UnitDelta(*(d.to(device=device, dtype=torch.long) for d in vars(delta).values()))
+        return self._apply(units, in_a, moved, zeroed)
+
+    def _apply(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None
+    ) -> TopologyChange:
         t = self.tensor
-        grad = torch.zeros(t.num_blocks, dtype=torch.bool, device=self.grad_mask.device)
-        grad[units] = True
-        forward = torch.zeros_like(grad)
-        forward[units[in_a]] = True
+        grad_mask, forward_mask = self.grad_mask, self.forward_mask
         if zeroed is not None and zeroed.numel():
             with torch.no_grad():
-                write_units(self.weight, zeroed, t.block, 0.0)
-        forward_mask = t.expand(forward.view(t.block_shape))
-        grad_mask = t.expand(grad.view(t.block_shape))
-        return TopologyChange(set_masks(t, forward_mask, grad_mask))
+                write_units(self.weight, zeroed.to(grad_mask.device), t.block, 0.0)
+        writes = ((grad_mask, delta.entered, delta.left), (forward_mask, delta.entered_a,
+                                                           delta.left_a))  # fmt: skip
+        for mask, on, off in writes:
+            if on.numel():
+                write_units(mask, on, t.block, True)
+            if off.numel():
+                write_units(mask, off, t.block, False)
+        self._units_cache = (TensorsKey((forward_mask, grad_mask)), units, in_a)
+        return TopologyChange(
+            entered_units=delta.entered, left_units=delta.left,
+            entered_a_units=delta.entered_a, left_a_units=delta.left_a,
+        )  # fmt: skip
 
     def write(self, units: Tensor, values: Tensor) -> None:
         t = self.tensor
@@ -232,12 +356,23 @@ class DenseStorage(UnitStorage):
         with torch.no_grad():
             write_units(self.weight, units, t.block, tiles)
 
-    def mark_forward(self, mask: Tensor) -> None:
+    def mark_forward(self, mask: Tensor, change: TopologyChange | None = None) -> None:
+        if change is not None and change.entered_a_units is not None:
+            super().mark_forward(mask, change)
+            return
         mask.logical_or_(self.forward_mask.to(mask.device))
 
     def _count(self) -> tuple[int, int]:
         a, b = self.forward_mask, self.grad_mask
         return int(torch.count_nonzero(a)), int(torch.count_nonzero(b))
+
+
+def difference(a: Tensor, b: Tensor) -> Tensor:
+    """The elements of sorted ``a`` that are not in sorted ``b`` (both int64, distinct)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return a
+    position = torch.searchsorted(b, a).clamp_(max=b.numel() - 1)
+    return a[b[position] != a]
 
 
 def set_masks(tensor: SparseTensor, forward: Tensor, grad: Tensor) -> Tensor:

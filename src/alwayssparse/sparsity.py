@@ -263,9 +263,9 @@ class Sparsity:
         """Call once after ``optimizer.step()`` of training step ``step`` (0-based).
 
         Restores every entry outside the gradient set B to its value before the optimizer step
-        (weight decay and momentum would otherwise move it) and zeroes its optimizer state, then
-        lets the method update the masks for step ``step + 1``, resetting the optimizer state of
-        entries that entered or left B.
+        (weight decay would otherwise move it) and keeps its optimizer state at zero (the backend
+        does only what the step can have undone), then lets the method update the masks for
+        step ``step + 1``, resetting the optimizer state of entries that entered or left B.
         """
         _check_step_arguments(step, optimizer)
         self._backend.check_optimizer(self.tensors, optimizer)
@@ -286,7 +286,8 @@ class Sparsity:
             if t.name in changes:
                 # Entries that left B keep no stale history; entries that entered start afresh.
                 t.storage.carry_state(optimizer, changes[t.name])
-                t.storage.mark_forward(self.ever_active[t.name])  # in place, no dense temporary
+                # In place, no dense temporary; only the units that entered A when known.
+                t.storage.mark_forward(self.ever_active[t.name], changes[t.name])
         self._backend.after_update(self.tensors)
         self._prepare(step + 1)
 

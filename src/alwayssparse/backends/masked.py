@@ -8,12 +8,27 @@ every layer type, the masks are buffers of the parametrization (saved in ``state
 by ``.to()``), and the user's optimizer keeps optimizing the original parameter object. The state
 dict also holds ``layer.weight`` = alpha, the plain layer's key (:mod:`alwayssparse.state_dicts`).
 
-A zero gradient is not enough to keep theta outside B fixed: weight decay, momentum and Adam's
-running averages all move it. The backend therefore snapshots theta after every mask update and,
-at the next :meth:`MaskedBackend.before_update`, writes the entries outside B back bit-for-bit and
-zeroes their optimizer state. The snapshot is a plain dense copy: on CPU, ``masked_select`` of the
-entries outside B costs ~40x more time than copying them all (46 ms vs 1.2 ms on 4M entries).
-This works on any device but saves no time or memory.
+Theta outside B is the reservoir C (Top-KAST ranks it; other methods regrow from it), and a zero
+gradient is not always enough to keep it: weight decay moves it (AdamW's decoupled decay, L2 decay
+through the gradient, which also gives SGD's momentum and Adam's moments nonzero values there).
+The backend keeps a copy of theta outside B (``frozen_values``) and, after every optimizer step
+(:meth:`MaskedBackend.before_update`), does only what that step can have undone
+(:func:`alwayssparse.optim_state.zero_gradient_effects`, which reasons it out per optimizer):
+
+- writes theta outside B back, bit for bit, when the step can move entries with a zero gradient
+  (any weight decay; and always for SGD without momentum, whose gradients leave no trace);
+- zeroes the optimizer state outside B when the step can create state there (L2 weight decay);
+- both, when the optimizer's first-moment state shows that a gradient reached theta outside B
+  anyway (a loss on the raw parameter, an edited ``.grad``): a count of its nonzeros over the
+  whole tensor against the count over B (:func:`alwayssparse.optim_state.gradient_witness`).
+
+With AdamW that is one in-place ``where`` and one count per step; with Adam or SGD with momentum
+and no weight decay, one count. A mask update touches only the units that changed: the masks, the
+copy (units leaving B join it) and the optimizer state (units entering or leaving B start at
+zero; outside B it is zero already). This works on any device but saves no time or memory.
+
+Theta outside B is written through the storage (``assign``, ``write``, checkpoint loads), never
+directly: without weight decay a direct write there is no longer undone at the next step.
 """
 
 from __future__ import annotations
@@ -34,8 +49,20 @@ from alwayssparse.backends.base import (
     register_parametrization,
     remove_parametrization,
 )
-from alwayssparse.optim_state import zero_state
-from alwayssparse.sparse_tensor import DenseStorage, SparseTensor
+from alwayssparse.masks import gather_units, write_units
+from alwayssparse.optim_state import (
+    gradient_witness,
+    keep_state_where,
+    zero_gradient_effects,
+    zero_state_at,
+)
+from alwayssparse.sparse_tensor import (
+    DenseStorage,
+    SparseTensor,
+    TensorsKey,
+    TopologyChange,
+    UnitDelta,
+)
 from alwayssparse.state_dicts import register_weight_hooks
 
 
@@ -56,8 +83,10 @@ class _ApplyMasks(torch.autograd.Function):
 class MaskedWeight(nn.Module):
     """Parametrization holding A (``forward_mask``) and B (``grad_mask``) for one weight.
 
-    ``frozen_values`` (not saved in checkpoints) holds theta as of the last mask update; only its
-    entries outside B are ever read back.
+    ``frozen_values`` (not saved in checkpoints) holds theta outside B as of the last mask update
+    (its entries inside B are stale and never read). ``frozen_key`` identifies the masks it was
+    kept up to date for: any other write to the masks (a method's initial masks, a load) makes
+    the next :meth:`MaskedBackend.after_update` copy theta whole again.
     """
 
     forward_mask: Tensor
@@ -70,9 +99,14 @@ class MaskedWeight(nn.Module):
         self.register_buffer("forward_mask", ones)
         self.register_buffer("grad_mask", ones.clone())
         self.register_buffer("frozen_values", weight.new_empty(0), persistent=False)
+        self.epoch = 0  # counts writes to theta outside B that training does not undo
+        self.frozen_key: TensorsKey | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
         return _ApplyMasks.apply(weight, self.forward_mask, self.grad_mask)
+
+    def masks_key(self) -> TensorsKey:
+        return TensorsKey((self.forward_mask, self.grad_mask))
 
     def snapshot(self, weight: Tensor) -> None:
         """Remember theta (the entries outside B are the ones that matter)."""
@@ -80,16 +114,19 @@ class MaskedWeight(nn.Module):
             self.frozen_values.copy_(weight.detach())
         else:
             self.frozen_values = weight.detach().clone()
+        self.frozen_key = self.masks_key()
 
     def restore(self, weight: Tensor) -> None:
-        """Write back theta outside B as of the last snapshot."""
+        """Write back theta outside B as of the last snapshot (in place, one pass)."""
         with torch.no_grad():
-            weight.copy_(torch.where(self.grad_mask, weight, self.frozen_values))
+            torch.where(self.grad_mask, weight, self.frozen_values, out=weight)
 
 
 def _resnapshot_after_load(plist: nn.Module, _incompatible: Any) -> None:
     # Loading a checkpoint replaces theta and the masks: the old snapshot would undo the load.
-    plist[0].snapshot(plist.original)  # type: ignore[index]
+    masked = plist[0]  # type: ignore[index]
+    masked.snapshot(plist.original)
+    masked.epoch += 1  # theta outside B changed: rankings of the reservoir are stale
 
 
 class _MaskedStorage(DenseStorage):
@@ -119,6 +156,53 @@ class _MaskedStorage(DenseStorage):
     @property
     def grad_mask(self) -> Tensor:
         return self.masked.grad_mask
+
+    def _apply(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None
+    ) -> TopologyChange:
+        """Write the changed units into the masks; units leaving B join the frozen copy."""
+        masked = self.masked
+        current = masked.frozen_key is not None and masked.frozen_key == masked.masks_key()
+        change = super()._apply(units, in_a, delta, zeroed)
+        if current:
+            if delta.left.numel():
+                block = self.tensor.block
+                values = gather_units(self.weight.detach(), delta.left, block)
+                write_units(masked.frozen_values, delta.left, block, values)
+            masked.frozen_key = masked.masks_key()
+        return change
+
+    def carry_state(self, optimizer: torch.optim.Optimizer, change: TopologyChange) -> None:
+        """State outside B is zero already (``before_update``): zero it only where units entered
+        or left B."""
+        entered, left = change.entered_units, change.left_units
+        if entered is None or left is None:
+            super().carry_state(optimizer, change)
+            return
+        changed = torch.cat([entered, left])
+        if changed.numel():
+            block = self.tensor.block
+            zero_state_at(optimizer, self.weight, lambda v: write_units(v, changed, block, 0.0))
+
+    def left_b_moved(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the optimizer's step may have moved theta outside B although nothing decays
+        it: its first-moment state (the witness) is nonzero somewhere outside B, or it keeps
+        none."""
+        weight = self.weight
+        witness = gradient_witness(optimizer, weight)
+        if witness is None:
+            return True
+        if witness.numel() == 0:
+            return False
+        units = self.units()[0]
+        inside = gather_units(witness.detach(), units, self.tensor.block)
+        return int(torch.count_nonzero(witness)) != int(torch.count_nonzero(inside))
+
+    def reservoir_token(self) -> object:
+        """Theta outside B is written back after every optimizer step (``before_update``), so
+        only mask writes and checkpoint loads (the epoch) change it."""
+        masked = self.masked
+        return (TensorsKey((masked.forward_mask, masked.grad_mask)), masked.epoch)
 
 
 @register_backend
@@ -174,16 +258,25 @@ class MaskedBackend(Backend):
     def before_update(
         self, tensors: Sequence[SparseTensor], optimizer: torch.optim.Optimizer
     ) -> None:
-        """Undo whatever the optimizer step did outside B, values and optimizer state alike
-        (on every step, whether or not the masks change)."""
+        """Undo whatever the optimizer step did outside B, values and optimizer state alike,
+        doing only what the step can have done (see the module docstring)."""
         for t in tensors:
-            _storage(t).masked.restore(t.weight)
-            zero_state(optimizer, t.weight, ~t.grad_mask)
+            storage = _storage(t)
+            moves, creates_state = zero_gradient_effects(optimizer, t.weight)
+            if storage.left_b_moved(optimizer):
+                moves = creates_state = True
+            if moves:
+                storage.masked.restore(t.weight)
+            if creates_state:
+                keep_state_where(optimizer, t.weight, t.grad_mask)
 
     def after_update(self, tensors: Sequence[SparseTensor]) -> None:
-        """Snapshot theta for the next :meth:`before_update`."""
+        """Copy theta for the next :meth:`before_update`, unless the copy was kept up to date
+        through the mask updates."""
         for t in tensors:
-            _storage(t).masked.snapshot(t.weight)
+            masked = _storage(t).masked
+            if masked.frozen_key is None or masked.frozen_key != masked.masks_key():
+                masked.snapshot(t.weight)
 
     def export(self, model: nn.Module) -> None:
         """Remove the parametrizations, leaving plain parameters holding alpha = theta * A."""

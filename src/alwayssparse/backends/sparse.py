@@ -2,16 +2,20 @@
 
 Each sparse ``nn.Linear`` is replaced by a :class:`SparseLinear` that holds
 
-- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B, in
-  CSR/BSR order: shape (capacity,) for entries, (capacity * b, b) for b x b blocks (slot s is
-  rows s*b .. s*b + b - 1, one block, so block norms and the group-lasso step of the dense code
-  apply to it unchanged). Its size (the *capacity*) is fixed for the whole run, so the optimizer
-  keeps the same parameter object and its state (momentum, Adam moments) exists only for stored
-  entries;
-- ``units``: the sorted flat indices of the stored units on the block grid in the first slots,
-  -1 for unused slots (which only gradual magnitude pruning leaves as it shrinks); int32 (int64
-  only for grids of 2^31 units or more), as are the cached kernel indices (column indices,
-  transposes, slots; CSR row pointers stay int64), so indices cost 4 bytes per stored unit;
+- ``values``: one trainable ``nn.Parameter`` with a slot per unit of the gradient set B: shape
+  (capacity,) for entries, (capacity * b, b) for b x b blocks (slot s is rows s*b .. s*b + b - 1,
+  one block, so block norms and the group-lasso step of the dense code apply to it unchanged).
+  Its size (the *capacity*) is fixed for the whole run, so the optimizer keeps the same
+  parameter object and its state (momentum, Adam moments) exists only for stored entries;
+- ``units``: the flat index on the block grid of the unit each slot holds, -1 for a free slot;
+  int32 (int64 only for grids of 2^31 units or more), as are the cached kernel indices (column
+  indices, transposes, slots; CSR row pointers stay int64), so indices cost 4 bytes per stored
+  unit. Slot order: after a rebuild (compaction, ``CompactStorage.assign``) the used slots come
+  first, in unit order, which the GPU layer's layouts require; :class:`SparseLinear` then keeps
+  every surviving unit in its slot through patched updates (``CompactStorage.assign_delta``),
+  so its slots are in no particular order and its index structures map positions to slots
+  (:meth:`CompactLinear.unit_slots` gives B's slots in unit order for either). A free slot
+  holds zero and zero optimizer state;
 - ``in_a``: which slots belong to the forward set A;
 - ``reservoir`` (Top-KAST only): theta of the whole tensor on the host (paper section 2.4: the
   top-k can be computed off the accelerator). Only the entries outside B are read from it.
@@ -24,14 +28,20 @@ Training step (kernels in :mod:`alwayssparse.kernels`, no dense weight or weight
 
 Mask updates run in unit space (:class:`alwayssparse.sparse_tensor.UnitStorage`): the methods read
 B's sorted unit indices, A's flags and the block norms of the stored values, and hand back the
-new sorted units; :class:`CompactStorage` rebuilds the slots from them, carrying each surviving
-unit's value and optimizer state to its new slot (units that enter B start with zero optimizer
-state, and theta from the reservoir, or zero without one). Prune/regrow, RigL and GMP updates
-allocate O(capacity) memory, nothing of the weight's size; a Top-KAST refresh writes the stored
-values into the reservoir in place and ranks it (the grid scores and the top-k's temporaries, see
-:mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view of
-the layer (while the dense ``nn.Linear`` still exists), and only :meth:`SparseBackend.dense_masks`
-and :meth:`SparseLinear.dense_weight` (inspection, export) build dense tensors afterwards.
+new sorted units, with what changed (:class:`~alwayssparse.sparse_tensor.UnitDelta`) when they
+know it (Top-KAST's incremental refresh, prune/regrow, GMP). Given the change,
+:class:`SparseLinear` touches only the changed units: leaving units free their slots (their values
+go to the reservoir, if any), entering ones take the lowest free slots (theta from the reservoir,
+or zero without one) with zero optimizer state, survivors keep slot, value and state, and B's
+CSR, A's CSR and A's CSC transpose are patched (O(|B|) memory moves, no sort, no rebuild).
+Without it :class:`CompactStorage` rebuilds the slots in unit order, carrying each surviving
+unit's value and optimizer state to its new slot. Updates allocate O(capacity) memory, nothing of
+the weight's size; only a Top-KAST refresh that cannot be decided from its ranked reservoir (the
+first one, and rare ones after) writes the stored values into the reservoir and ranks all of it
+(see :mod:`alwayssparse.methods.topkast`). Only the initial masks are chosen on a dense host view
+of the layer (while the dense ``nn.Linear`` still exists), and only
+:meth:`SparseBackend.dense_masks` and :meth:`SparseLinear.dense_weight` (inspection, export)
+build dense tensors afterwards.
 
 The storage is shared with the GPU backend (:mod:`alwayssparse.backends.gpu`): the layer's
 slots, units, flags and reservoir are :class:`CompactLinear`, of which :class:`SparseLinear` is
@@ -46,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -61,7 +72,14 @@ from alwayssparse.masks import (
     write_units,
 )
 from alwayssparse.optim_state import ELEMENTWISE_STATE
-from alwayssparse.sparse_tensor import DenseStorage, SparseTensor, TopologyChange, UnitStorage
+from alwayssparse.sparse_tensor import (
+    DenseStorage,
+    SparseTensor,
+    TensorsKey,
+    TopologyChange,
+    UnitDelta,
+    UnitStorage,
+)
 from alwayssparse.state_dicts import register_weight_hooks
 
 SUPPORTED_BLOCKS = (1, *kernels.BLOCK_SIZES)
@@ -181,14 +199,28 @@ class CompactLinear(nn.Module):
         return self
 
     def stored(self) -> int:
-        """Number of used slots (they come first, in unit order)."""
+        """Number of used slots."""
         return int(torch.count_nonzero(self.units >= 0))
 
+    def unit_slots(self) -> Tensor:
+        """The slots of B in unit order (int64, on the layer's device). Here the used slots come
+        first, in unit order (what :meth:`CompactStorage.assign` writes and the GPU layouts
+        need): ``0 .. n-1``. :class:`SparseLinear` keeps survivors in their slots instead."""
+        return torch.arange(self.stored(), device=self.units.device)
+
+    def sorted_units(self) -> tuple[Tensor, Tensor]:
+        """(B's units ascending, int64; A's flag of each), on the layer's device."""
+        slots = self.unit_slots()
+        return self.units[slots].long(), self.in_a[slots]
+
     def stored_slots(self, only_a: bool = True) -> Tensor:
-        """Slots of A (or of every stored unit, B), ascending, on the layer's device."""
-        n = self.stored()
-        live = torch.arange(n, dtype=self.index_dtype, device=self.units.device)
-        return live[self.in_a[:n]] if only_a else live
+        """Slots of A (or of every stored unit, B), in unit order, on the layer's device."""
+        slots = self.unit_slots()
+        return slots[self.in_a[slots]] if only_a else slots
+
+    # Whether the layer patches its slots and index structures through small changes
+    # (:meth:`SparseLinear.apply_delta`) instead of being rebuilt in unit order.
+    patches_slots = False
 
     def tiles(self) -> Tensor:
         """``values`` as (capacity, b, b) blocks (a view; (capacity, 1, 1) for entries)."""
@@ -236,9 +268,9 @@ class CompactLinear(nn.Module):
                 "this layer keeps no reservoir: only theta at its stored units exists "
                 "(methods that rank the whole tensor set keeps_reservoir)"
             )
-        n, device = self.stored(), self.reservoir.device
-        tiles = self.tiles().detach()[:n].to(device)
-        write_units(self.reservoir, self.units[:n].to(device), self.block, tiles)
+        slots, device = self.unit_slots(), self.reservoir.device
+        tiles = self.tiles().detach()[slots].to(device)
+        write_units(self.reservoir, self.units[slots].to(device), self.block, tiles)
         return self.reservoir
 
     def extra_repr(self) -> str:
@@ -252,6 +284,16 @@ class CompactLinear(nn.Module):
 class SparseLinear(CompactLinear):
     """:class:`CompactLinear` multiplied by the CPU kernels of :mod:`alwayssparse.kernels`.
 
+    Slots are stable: a unit keeps its slot while it stays in B, a unit entering B takes the
+    lowest free slot, and a topology change given as a :class:`~alwayssparse.sparse_tensor.
+    UnitDelta` patches the index structures (:class:`_Topology`: B's CSR, A's CSR and its CSC
+    transpose, each with the slot of every position) instead of rebuilding them. So slots are
+    in unit order only after a rebuild (:meth:`CompactStorage.assign`, :meth:`compact`, a
+    load), and the product reads values through the slot arrays: A's values are gathered for
+    the forward and the transposed product, and the sampled weight gradient (computed in B's
+    CSR order) is scattered to its slots; while the slots are ``0 .. n-1`` in unit order and
+    A = B, the forward reads ``values[:n]`` as a view and the gradient needs no scatter.
+
     Args:
         linear: The dense layer it replaces (its bias parameter object is kept).
         block: Unit edge b (1: CSR; 4, 8, 16: BSR).
@@ -259,99 +301,362 @@ class SparseLinear(CompactLinear):
         reservoir: Keep theta of the whole tensor on the host (Top-KAST's set C).
     """
 
+    patches_slots = True
+
     def __init__(self, linear: nn.Module, block: int, capacity: int, reservoir: bool) -> None:
         super().__init__(linear, block, capacity, reservoir)
-        self._patterns: tuple[_Pattern, _Pattern] | None = None
+        self._topology: _Topology | None = None
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._patterns = None
+        self._topology = None
+
+    def topology(self) -> _Topology:
+        """The index structures of the current topology (built from the buffers if needed)."""
+        if self._topology is None:
+            self._topology = _Topology.build(self.units, self.in_a, self.grid)
+        return self._topology
+
+    def unit_slots(self) -> Tensor:
+        return self.topology().torch.order
+
+    def sorted_units(self) -> tuple[Tensor, Tensor]:
+        topology = self.topology()
+        return torch.from_numpy(topology.units), self.in_a[topology.torch.order]
 
     def patterns(self) -> tuple[_Pattern, _Pattern]:
-        """(A's pattern, B's pattern), built once per topology."""
-        if self._patterns is None:
-            live = torch.arange(self.stored(), dtype=self.index_dtype)
-            in_a = live[self.in_a[: live.numel()]]
-            a_ptr, a_cols = _compress(self.units[in_a], *self.grid)
-            cols = self.shape[1]
-            if self.block == 1:
-                a_t = kernels.csr_transpose(a_ptr, a_cols, cols)
+        """(A's pattern, B's pattern) with slot arrays; A's transpose is (col_ptr, row_idx,
+        slot of each CSC position)."""
+        t = self.topology().torch
+        pattern_a = _Pattern(t.a_slots, t.a_ptr, t.a_cols, (t.t_ptr, t.t_rows, t.t_slots))
+        return pattern_a, _Pattern(t.order, t.b_ptr, t.b_cols)
+
+    def apply_delta(self, delta: UnitDelta, zeroed: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Move the layer to the topology after ``delta``: units leaving B free their slots
+        (their values go to the reservoir, if any, and the slots to zero), units entering B
+        take the lowest free slots (values from the reservoir, else zero), A's flags follow,
+        theta at ``zeroed`` becomes zero; the index structures are patched. Returns the
+        (entered, left) slots, whose optimizer state must start at zero."""
+        topology = self.topology()
+        entered, left = delta.entered.cpu().numpy(), delta.left.cpu().numpy()
+        entered_a, left_a = delta.entered_a.cpu().numpy(), delta.left_a.cpu().numpy()
+        units = self.units.numpy()
+        left_slots = topology.slots_of(left)
+        tiles = self.tiles().detach()
+        left_t, entered_t = torch.from_numpy(left_slots), torch.from_numpy(entered)
+        with torch.no_grad():
+            if self.reservoir is not None and left.size:
+                write_units(self.reservoir, delta.left.cpu(), self.block, tiles[left_t])
+            tiles[left_t] = 0.0
+            units[left_slots] = -1
+            free = np.flatnonzero(units < 0)
+            if free.size < entered.size:
+                raise RuntimeError(
+                    f"{entered.size} units enter B but only {free.size} slots are free "
+                    f"(capacity {self.capacity})"
+                )
+            entered_slots = free[: entered.size]
+            slots_t = torch.from_numpy(entered_slots)
+            if self.reservoir is not None and entered.size:
+                tiles[slots_t] = gather_units(self.reservoir, entered_t, self.block)
             else:
-                a_t = kernels.bsr_transpose(a_ptr, a_cols, cols, self.block)
-            pattern_a = _Pattern(in_a, a_ptr, a_cols, a_t)
-            if in_a.numel() == live.numel():
-                # A = B (every method but Top-KAST): one set of index arrays serves both.
-                pattern_b = _Pattern(in_a, a_ptr, a_cols)
-            else:
-                pattern_b = _Pattern(live, *_compress(self.units[live], *self.grid))
-            self._patterns = (pattern_a, pattern_b)
-        return self._patterns
+                tiles[slots_t] = 0.0
+            units[entered_slots] = entered
+            self.in_a[left_t] = False
+            topology.patch(entered, left, entered_slots, left_slots, entered_a, left_a)
+            self.in_a[torch.from_numpy(topology.slots_of(left_a, missing_ok=True))] = False
+            self.in_a[torch.from_numpy(topology.slots_of(entered_a))] = True
+            if zeroed is not None and zeroed.numel():
+                zeroed_np = zeroed.cpu().numpy()
+                tiles[torch.from_numpy(topology.slots_of(zeroed_np, missing_ok=True))] = 0.0
+                if self.reservoir is not None:
+                    write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
+        # Written through numpy: bump the versions that counts, tokens and caches key on.
+        torch.autograd.graph.increment_version(self.units)
+        self._slot_masks = None
+        return slots_t, left_t
 
     def product(self, x: Tensor) -> Tensor:
-        return _SparseLinearFunction.apply(x, self.values, self)
+        return _SparseLinearFunction.apply(x, self.values, None, self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The bias is added inside the kernel, to the finished sums (no extra pass over y)."""
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            y = _SparseLinearFunction.apply(x2, self.values, None, self).add_(bias)
+        else:
+            y = _SparseLinearFunction.apply(x2, self.values, bias, self)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@dataclass
+class _TorchTopology:
+    """Torch views of a :class:`_Topology`'s arrays, for the kernels."""
+
+    order: Tensor
+    b_ptr: Tensor
+    b_cols: Tensor
+    a_slots: Tensor
+    a_ptr: Tensor
+    a_cols: Tensor
+    t_ptr: Tensor
+    t_rows: Tensor
+    t_slots: Tensor
+
+
+class _Topology:
+    """A :class:`SparseLinear`'s index structures, patched through small changes (numpy).
+
+    Attributes:
+        units, order: B's units in ascending order and their slots (B's CSR order).
+        b_ptr, b_cols: B's CSR over block rows (row pointers int64, columns ``cols_dtype``).
+        same: A = B (then the ``a_*`` arrays are the ``b_*`` ones).
+        a_units, a_slots, a_ptr, a_cols: A's units, slots and CSR.
+        t_keys, t_ptr, t_rows, t_slots: A's CSC: keys ``col * grid_rows + row`` ascending,
+            column pointers, rows and slots in that order.
+        identity: B's slots are ``0 .. n-1`` in unit order.
+    """
+
+    units: np.ndarray
+    order: np.ndarray
+    b_ptr: np.ndarray
+    b_cols: np.ndarray
+    same: bool
+    a_units: np.ndarray
+    a_slots: np.ndarray
+    a_ptr: np.ndarray
+    a_cols: np.ndarray
+    t_keys: np.ndarray
+    t_ptr: np.ndarray
+    t_rows: np.ndarray
+    t_slots: np.ndarray
+    identity: bool
+
+    def __init__(self, grid: tuple[int, int], cols_dtype: np.dtype) -> None:
+        self.grid = grid
+        self.cols_dtype = cols_dtype
+        self._torch: _TorchTopology | None = None
+
+    @classmethod
+    def build(cls, units: Tensor, in_a: Tensor, grid: tuple[int, int]) -> _Topology:
+        top = cls(grid, units.numpy().dtype)
+        all_units = units.cpu().numpy().astype(np.int64)
+        used = np.flatnonzero(all_units >= 0)
+        order = np.argsort(all_units[used], kind="stable")
+        top.order = used[order]
+        top.units = all_units[top.order]
+        flags = in_a.cpu().numpy()[top.order]
+        top.b_ptr, top.b_cols = top._csr(top.units)
+        top.same = bool(flags.all())
+        if top.same:
+            top.a_units, top.a_slots, top.a_ptr, top.a_cols = (
+                top.units,
+                top.order,
+                top.b_ptr,
+                top.b_cols,
+            )
+        else:
+            top.a_units, top.a_slots = top.units[flags], top.order[flags]
+            top.a_ptr, top.a_cols = top._csr(top.a_units)
+        keys = top._t_keys(top.a_units)
+        by_key = np.argsort(keys, kind="stable")
+        top.t_keys, top.t_slots = keys[by_key], top.a_slots[by_key]
+        top.t_rows = (top.t_keys % grid[0]).astype(top.cols_dtype)
+        top.t_ptr = top._ptr(top.t_keys // grid[0], grid[1])
+        top.identity = bool(np.array_equal(top.order, np.arange(top.order.size)))
+        return top
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _ptr(rows: np.ndarray, size: int) -> np.ndarray:
+        ptr = np.zeros(size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=size), out=ptr[1:])
+        return ptr
+
+    def _csr(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = np.divmod(units, self.grid[1])
+        return self._ptr(rows, self.grid[0]), cols.astype(self.cols_dtype)
+
+    def _t_keys(self, units: np.ndarray) -> np.ndarray:
+        rows, cols = np.divmod(units, self.grid[1])
+        return cols * self.grid[0] + rows
+
+    def _shift_ptr(self, ptr: np.ndarray, added: np.ndarray, removed: np.ndarray) -> np.ndarray:
+        size = ptr.size - 1
+        change = np.bincount(added, minlength=size) - np.bincount(removed, minlength=size)
+        out = ptr.copy()
+        out[1:] += np.cumsum(change)
+        return out
+
+    def slots_of(self, units: np.ndarray, missing_ok: bool = False) -> np.ndarray:
+        """The slots of ``units`` (in B; with ``missing_ok``, those not in B are skipped)."""
+        if units.size == 0 or self.units.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        position = np.searchsorted(self.units, units).clip(max=self.units.size - 1)
+        found = self.units[position] == units
+        if not missing_ok and not found.all():
+            raise ValueError("units are not stored in B")
+        return self.order[position[found]]
+
+    # -- patching ----------------------------------------------------------------------------------
+
+    def patch(
+        self,
+        entered: np.ndarray,
+        left: np.ndarray,
+        entered_slots: np.ndarray,
+        left_slots: np.ndarray,
+        entered_a: np.ndarray,
+        left_a: np.ndarray,
+    ) -> None:
+        """B loses ``left`` and gains ``entered`` (at ``entered_slots``); A loses ``left_a``
+        and gains ``entered_a`` (all sorted units). O(|B|) memory moves, no sort of B."""
+        grid_cols = self.grid[1]
+        same_after = (
+            self.same and np.array_equal(entered_a, entered) and np.array_equal(left_a, left)
+        )
+        # A's arrays before the change (numpy's delete/insert make new arrays: these stay).
+        old_a = (self.a_units, self.a_slots, self.a_ptr, self.a_cols)
+        gone = np.searchsorted(self.units, left)
+        units, order = np.delete(self.units, gone), np.delete(self.order, gone)
+        cols = np.delete(self.b_cols, gone)
+        at = np.searchsorted(units, entered)
+        self.units = np.insert(units, at, entered)
+        self.order = np.insert(order, at, entered_slots)
+        self.b_cols = np.insert(cols, at, (entered % grid_cols).astype(self.cols_dtype))
+        self.b_ptr = self._shift_ptr(self.b_ptr, entered // grid_cols, left // grid_cols)
+        if same_after:
+            self.a_units, self.a_slots, self.a_ptr, self.a_cols = (
+                self.units,
+                self.order,
+                self.b_ptr,
+                self.b_cols,
+            )
+        else:
+            a_units, a_slots, a_ptr, a_cols = old_a
+            gone_a = np.searchsorted(a_units, left_a)
+            a_units, a_slots = np.delete(a_units, gone_a), np.delete(a_slots, gone_a)
+            a_cols = np.delete(a_cols, gone_a)
+            at_a = np.searchsorted(a_units, entered_a)
+            self.a_units = np.insert(a_units, at_a, entered_a)
+            self.a_slots = np.insert(a_slots, at_a, self.slots_of(entered_a))
+            self.a_cols = np.insert(a_cols, at_a, (entered_a % grid_cols).astype(self.cols_dtype))
+            self.a_ptr = self._shift_ptr(a_ptr, entered_a // grid_cols, left_a // grid_cols)
+        self.same = same_after
+        # A's transpose: remove the keys of left_a, insert those of entered_a.
+        gone_t = np.searchsorted(self.t_keys, self._t_keys(left_a))
+        t_keys, t_slots = np.delete(self.t_keys, gone_t), np.delete(self.t_slots, gone_t)
+        new_keys = self._t_keys(entered_a)
+        by_key = np.argsort(new_keys, kind="stable")
+        new_keys, new_t_slots = new_keys[by_key], self.slots_of(entered_a)[by_key]
+        at_t = np.searchsorted(t_keys, new_keys)
+        self.t_keys = np.insert(t_keys, at_t, new_keys)
+        self.t_slots = np.insert(t_slots, at_t, new_t_slots)
+        new_rows = (new_keys % self.grid[0]).astype(self.cols_dtype)
+        self.t_rows = np.insert(np.delete(self.t_rows, gone_t), at_t, new_rows)
+        self.t_ptr = self._shift_ptr(self.t_ptr, entered_a % grid_cols, left_a % grid_cols)
+        if entered.size or left.size:
+            self.identity = False
+        self._torch = None
+
+    @property
+    def torch(self) -> _TorchTopology:
+        if self._torch is None:
+            t = torch.from_numpy
+            self._torch = _TorchTopology(
+                order=t(self.order), b_ptr=t(self.b_ptr), b_cols=t(self.b_cols),
+                a_slots=t(self.a_slots), a_ptr=t(self.a_ptr), a_cols=t(self.a_cols),
+                t_ptr=t(self.t_ptr), t_rows=t(self.t_rows), t_slots=t(self.t_slots),
+            )  # fmt: skip
+        return self._torch
 
 
 class _SparseLinearFunction(torch.autograd.Function):
     """y = x @ W_A^T with W given by ``values``; gradients: x by the transposed product over A,
-    ``values`` by the sampled product at every stored (B) slot. For W stored (in, out)
-    (``layer.transposed``): y = x @ W_A by the transposed product, x's gradient by the plain one,
-    and W's gradient x^T grad_y sampled at B."""
+    ``values`` by the sampled product at every stored (B) slot (see :class:`SparseLinear` for
+    how slots map to the patterns' positions). For W stored (in, out) (``layer.transposed``, a
+    Conv1D): y = x @ W_A through A's CSC, x's gradient through A's CSR, and W's gradient
+    x^T grad_y sampled at B; the bias is then added after the product."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, values: Tensor, layer: SparseLinear) -> Tensor:
-        pattern_a, pattern_b = layer.patterns()
-        tiles = values if layer.block == 1 else values.view(-1, layer.block, layer.block)
-        n_a = pattern_a.slots.numel()
-        # A = B: A's slots are the first ones, so a view replaces the gather.
-        same = n_a == pattern_b.slots.numel()
-        a_values = tiles[:n_a] if same else tiles[pattern_a.slots]
-        ctx.save_for_backward(x, a_values)
-        ctx.layer, ctx.patterns = layer, (pattern_a, pattern_b)
+    def forward(
+        ctx: Any, x: Tensor, values: Tensor, bias: Tensor | None, layer: SparseLinear
+    ) -> Tensor:
+        topology = layer.topology()
+        t = topology.torch
+        block = layer.block
+        flat = values if block == 1 else values.view(-1, block, block)
+        x = x.contiguous()
+        ctx.save_for_backward(x, values)
+        ctx.layer, ctx.topology = layer, topology
+        b = None if bias is None else bias.detach().contiguous()
         if layer.transposed:
-            return _product_t(layer, pattern_a, a_values, x)
-        return _product(layer, pattern_a, a_values, x)
+            y = _csc_product(layer, t, flat.index_select(0, t.t_slots), x)
+            return y if b is None else y.add_(b)
+        return _csr_product(layer, t, _a_values(topology, flat), x, b)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, a_values = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, values = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
-        pattern_a, pattern_b = ctx.patterns
+        topology: _Topology = ctx.topology
+        t = topology.torch
+        block = layer.block
         grad_y = grad_y.contiguous()
         grad_x = grad_values = None
+        flat = values.detach() if block == 1 else values.detach().view(-1, block, block)
         if ctx.needs_input_grad[0]:
             if layer.transposed:
-                grad_x = _product(layer, pattern_a, a_values, grad_y)
+                grad_x = _csr_product(layer, t, _a_values(topology, flat), grad_y)
             else:
-                grad_x = _product_t(layer, pattern_a, a_values, grad_y)
+                grad_x = _csc_product(layer, t, flat.index_select(0, t.t_slots), grad_y)
         if ctx.needs_input_grad[1]:
             # Sampled (rows side)^T @ (columns side) of the stored matrix at B's positions.
             left, right = (x, grad_y) if layer.transposed else (grad_y, x)
-            if layer.block == 1:
-                sampled = kernels.csr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right)
+            if block == 1:
+                sampled = kernels.sddmm_trusted(t.b_ptr, t.b_cols, left, right)
             else:
-                sampled = kernels.bsr_sampled_grad(pattern_b.row_ptr, pattern_b.cols, left, right,
-                                                   block_size=layer.block)  # fmt: skip
-            # Used slots come first in unit order, so B's slots are 0..n-1.
-            if sampled.numel() == layer.values.numel():
-                grad_values = sampled.view_as(layer.values)
-            else:
-                grad_values = torch.zeros_like(layer.values)
+                sampled = kernels.bsr_sddmm_trusted(t.b_ptr, t.b_cols, left, right, block)
+            if topology.identity and sampled.numel() == values.numel():
+                grad_values = sampled.view_as(values)
+            elif topology.identity:
+                grad_values = torch.zeros_like(values)
                 grad_values.view(-1)[: sampled.numel()] = sampled.view(-1)
-        return grad_x, grad_values, None
+            else:  # B's CSR order -> slots
+                grad_values = torch.zeros_like(values)
+                rows = grad_values.view(layer.capacity, -1)
+                rows.index_copy_(0, t.order, sampled.view(t.order.numel(), -1))
+        grad_bias = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None
 
 
-def _product(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
-    """x @ M^T for the stored matrix M (rows x cols) over ``pattern``: (N, rows)."""
+def _a_values(topology: _Topology, flat: Tensor) -> Tensor:
+    """A's values in its CSR order (a view when slots are 0 .. n-1 in unit order and A = B)."""
+    t = topology.torch
+    if topology.same and topology.identity:
+        return flat[: t.order.numel()]
+    return flat.index_select(0, t.a_slots)
+
+
+def _csr_product(
+    layer: SparseLinear, t: _TorchTopology, values: Tensor, x: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """x @ M_A^T for the stored matrix M (rows x cols) through A's CSR: (N, rows) (+ bias)."""
     if layer.block == 1:
-        return kernels.csr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
-    return kernels.bsr_matmul(pattern.row_ptr, pattern.cols, values, x, layer.shape[0])
+        return kernels.spmm_trusted(t.a_ptr, t.a_cols, values, x, layer.shape[0], bias)
+    return kernels.bsr_spmm_trusted(t.a_ptr, t.a_cols, values, x, layer.shape[0], bias)
 
 
-def _product_t(layer: SparseLinear, pattern: _Pattern, values: Tensor, x: Tensor) -> Tensor:
-    """x @ M for the stored matrix M (rows x cols) over ``pattern``: (N, cols)."""
-    product = kernels.csr_matmul_t if layer.block == 1 else kernels.bsr_matmul_t
-    return product(pattern.row_ptr, pattern.cols, values, x, layer.shape[1],
-                   transpose=pattern.transpose)  # fmt: skip
+def _csc_product(layer: SparseLinear, t: _TorchTopology, values: Tensor, x: Tensor) -> Tensor:
+    """x @ M_A for the stored matrix M (rows x cols) through A's CSC (``values`` in its order):
+    (N, cols)."""
+    if layer.block == 1:
+        return kernels.spmm_trusted(t.t_ptr, t.t_rows, values, x, layer.shape[1])
+    return kernels.bsr_spmm_t_trusted(t.t_ptr, t.t_rows, values, x, layer.shape[1])
 
 
 class CompactStorage(UnitStorage):
@@ -403,6 +708,14 @@ class CompactStorage(UnitStorage):
     def _set_tensors(self) -> tuple[Tensor, ...]:
         return (self.layer.units, self.layer.in_a)
 
+    def reservoir_token(self) -> object | None:
+        """The reservoir is written only by ``assign`` (units leaving B), ``compact`` and
+        checkpoint loads: its version and the slots' versions tell."""
+        layer = self.layer
+        if self.initial is not None or layer.reservoir is None:
+            return None
+        return TensorsKey((layer.units, layer.in_a, layer.reservoir))
+
     def counts(self) -> tuple[int, int]:
         if self.initial is not None:
             return self.initial.counts()
@@ -413,13 +726,12 @@ class CompactStorage(UnitStorage):
     def units(self) -> tuple[Tensor, Tensor]:
         if self.initial is not None:
             return self.initial.units()
-        n = self.layer.stored()
-        return self.layer.units[:n].long(), self.layer.in_a[:n]
+        return self.layer.sorted_units()
 
     def unit_scores(self) -> Tensor:
         if self.initial is not None:
             return self.initial.unit_scores()
-        tiles = self.layer.tiles().detach()[: self.layer.stored()]
+        tiles = self.layer.tiles().detach()[self.layer.unit_slots()]
         return tile_norms(tiles, self.tensor.block_norm)
 
     def grid_scores(self) -> Tensor:
@@ -440,8 +752,9 @@ class CompactStorage(UnitStorage):
             )
         device = layer.units.device
         units, in_a = units.to(device, torch.long), in_a.to(device, torch.bool)
-        old_n = layer.stored()
-        source, target = _survivors(layer.units[:old_n].long(), units)
+        old_slots = layer.unit_slots()
+        source, target = _survivors(layer.units[old_slots].long(), units)
+        source = old_slots[source]
         tiles = layer.tiles().detach()
         new_tiles = torch.zeros_like(tiles)
         if layer.reservoir is not None:
@@ -468,13 +781,32 @@ class CompactStorage(UnitStorage):
         entered[target] = False
         return TopologyChange(layer._per_slot(entered), moved=(source, target))
 
+    def assign_delta(
+        self, units: Tensor, in_a: Tensor, delta: UnitDelta, zeroed: Tensor | None = None
+    ) -> TopologyChange:
+        """A layer that patches its slots (:class:`SparseLinear`) moves only the changed units:
+        survivors keep their slots, values and optimizer state; any other is rebuilt."""
+        if self.initial is not None:
+            return self.initial.assign_delta(units, in_a, delta, zeroed)
+        layer = self.layer
+        if not isinstance(layer, SparseLinear):
+            return self.assign(units, in_a, zeroed)
+        entered_slots, left_slots = layer.apply_delta(delta, zeroed)
+        return TopologyChange(
+            reset_slots=torch.cat([entered_slots, left_slots]),
+            entered_units=delta.entered, left_units=delta.left,
+            entered_a_units=delta.entered_a, left_a_units=delta.left_a,
+        )  # fmt: skip
+
     def write(self, units: Tensor, values: Tensor) -> None:
         if self.initial is not None:
             self.initial.write(units, values)
             return
         layer = self.layer
         query = units.to(layer.units.device, torch.long)
-        found, slots = _lookup(layer.units[: layer.stored()].long(), query)
+        old_slots = layer.unit_slots()
+        found, position = _lookup(layer.units[old_slots].long(), query)
+        slots = old_slots[position]
         if not bool(found.all()):
             raise ValueError(f"{self.tensor.name}: can only write units that are stored")
         with torch.no_grad():
@@ -483,7 +815,18 @@ class CompactStorage(UnitStorage):
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def carry_state(self, optimizer: torch.optim.Optimizer, change: TopologyChange) -> None:
-        """Optimizer state follows the survivors to their new slots; every other slot is 0."""
+        """Optimizer state follows the survivors to their new slots; every other slot is 0.
+        A patched change (``reset_slots``) moves nothing: only the slots that units entered or
+        left start at zero (a free slot's state is zero already: its gradient is)."""
+        if change.reset_slots is not None:
+            slots = change.reset_slots
+            if slots.numel():
+                state = optimizer.state.get(self.layer.values, {})
+                for key in ELEMENTWISE_STATE:
+                    value = state.get(key)
+                    if isinstance(value, Tensor) and value.shape == self.layer.values.shape:
+                        value.view(self.layer.capacity, -1)[slots] = 0.0
+            return
         if change.moved is not None:
             source, target = change.moved
             state = optimizer.state.get(self.layer.values, {})

@@ -322,6 +322,61 @@ def bsr_sampled_grad(
     return ext.bsr_sddmm(block_row_ptr, block_col, grad_y, x, b)
 
 
+# ----------------------------------------------------------------------------- trusted patterns
+#
+# The same products for a caller that builds its patterns itself and keeps them valid (the sparse
+# backend's layers): no per-call validation, which costs O(nnz) index checks (an ``aminmax`` of
+# the column indices, a scan of the row pointers) on every call. Arguments must be what the
+# checked functions would accept: int64 pointers, int32/int64 indices, contiguous float32.
+
+
+def spmm_trusted(ptr, idx, values, x, rows: int, bias=None) -> torch.Tensor:
+    """``x @ S^T (+ bias)`` for CSR ``S`` (``rows`` x ``x.shape[1]``) with 1-D ``values`` in
+    CSR order; the bias (``rows`` floats) is added to the finished sums, as ``y + bias``.
+
+    With the CSC pattern of ``W`` (``col_ptr, row_idx``), ``values`` in CSC order and
+    ``x = grad_y`` this is the input gradient ``grad_y @ W``."""
+    ext = _ext()
+    if ext is None:
+        y = _ref.csr_matmul(ptr, idx, values, x, rows)
+        return y if bias is None else y.add_(bias)
+    return ext.csr_spmm(ptr, idx, values, x, rows, 0, bias)
+
+
+def sddmm_trusted(ptr, idx, grad_y, x) -> torch.Tensor:
+    """:func:`csr_sampled_grad` without the checks."""
+    ext = _ext()
+    if ext is None:
+        return _ref.csr_sampled_grad(ptr, idx, grad_y, x)
+    return ext.csr_sddmm(ptr, idx, grad_y, x, 0)
+
+
+def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int, bias=None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for BSR ``W`` with ``blocks`` (nnz, b, b) in block-CSR order."""
+    ext = _ext()
+    if ext is None:
+        y = _ref.bsr_matmul(ptr, idx, blocks, x, rows)
+        return y if bias is None else y.add_(bias)
+    return ext.bsr_spmm(ptr, idx, blocks.transpose(1, 2).contiguous(), x, rows, bias)
+
+
+def bsr_spmm_t_trusted(col_ptr, row_idx, blocks, grad_y, cols: int) -> torch.Tensor:
+    """``grad_y @ W`` for BSR ``W`` given its block-CSC pattern and its ``blocks`` (the blocks
+    of ``W``, not transposed) in block-CSC order."""
+    ext = _ext()
+    if ext is None:
+        return _ref.bsr_matmul(col_ptr, row_idx, blocks.transpose(1, 2), grad_y, cols)
+    return ext.bsr_spmm(col_ptr, row_idx, blocks.contiguous(), grad_y, cols)
+
+
+def bsr_sddmm_trusted(ptr, idx, grad_y, x, block: int) -> torch.Tensor:
+    """:func:`bsr_sampled_grad` without the checks; (nnz, b, b)."""
+    ext = _ext()
+    if ext is None:
+        return _ref.bsr_sampled_grad(ptr, idx, grad_y, x, block)
+    return ext.bsr_sddmm(ptr, idx, grad_y, x, block)
+
+
 # ----------------------------------------------------------------------------- conversions
 
 

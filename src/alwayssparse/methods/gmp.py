@@ -26,7 +26,7 @@ from torch import Tensor
 from alwayssparse.masks import count_for_density, topk_mask
 from alwayssparse.methods.base import Method, register
 from alwayssparse.schedules import cubic_sparsity
-from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, set_masks
+from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, UnitDelta, set_masks
 
 
 @register
@@ -116,8 +116,13 @@ class GMP(Method):
         active = units[in_a]
         count = min(count_for_density(t.num_blocks, density), active.numel())
         keep = topk_mask(storage.unit_scores()[in_a], count)  # ties: lower unit index
-        kept = active[keep]
-        return storage.assign(kept, torch.ones_like(kept, dtype=torch.bool), zeroed=active[~keep])
+        kept, pruned = active[keep], active[~keep]
+        flags = torch.ones_like(kept, dtype=torch.bool)
+        if not bool(in_a.all()):
+            return storage.assign(kept, flags, zeroed=pruned)
+        none = pruned[:0]  # B = A before and after: only pruned units leave
+        delta = UnitDelta(entered=none, left=pruned, entered_a=none, left_a=pruned)
+        return storage.assign_delta(kept, flags, delta, zeroed=pruned)
 
     def _prune_initial(self, t: SparseTensor, density: float) -> Tensor:
         """Initial masks: the largest-magnitude units of the whole dense tensor."""

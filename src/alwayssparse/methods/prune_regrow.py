@@ -32,7 +32,7 @@ from torch import Tensor
 from alwayssparse.masks import random_mask, sample_outside, topk_mask
 from alwayssparse.methods.base import Method, register
 from alwayssparse.schedules import DROP_SCHEDULES, UpdateSchedule
-from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, set_masks
+from alwayssparse.sparse_tensor import SparseTensor, TopologyChange, UnitDelta, set_masks
 
 
 def init_random_masks(tensors: Sequence[SparseTensor], generator: torch.Generator) -> None:
@@ -182,8 +182,13 @@ class PruneRegrow(Method):
         kept_and_grown, _ = torch.sort(torch.cat([active[keep], grown]))
         dropped = active[~keep]
         # Dropped and grown weights are set to zero; A = B = kept | grown.
-        change = storage.assign(kept_and_grown, torch.ones_like(kept_and_grown, dtype=torch.bool),
-                                zeroed=torch.cat([dropped, grown]))  # fmt: skip
+        flags = torch.ones_like(kept_and_grown, dtype=torch.bool)
+        zeroed = torch.cat([dropped, grown])
+        if bool(in_a.all()):  # B = A before: the change is known, the storage need not find it
+            delta = UnitDelta(entered=grown, left=dropped, entered_a=grown, left_a=dropped)
+            change = storage.assign_delta(kept_and_grown, flags, delta, zeroed=zeroed)
+        else:
+            change = storage.assign(kept_and_grown, flags, zeroed=zeroed)
         if self.regrow_std > 0:
             block_entries = t.block * t.block
             storage.write(grown, truncated_normal(grown.numel() * block_entries,

@@ -21,13 +21,22 @@ choice) or over all sparse tensors at once (``selection="global"``).
 Ablations of Table 1: ``random_exploration`` draws B\\A uniformly from outside A instead of by
 magnitude; ``exploration_stop_step`` = t makes B = A from step t on (no more updates to B\\A).
 
-A refresh ranks theta of the whole tensor: the top-k runs on the host over the grid scores
-(``UnitStorage.grid_scores``; on the sparse backend, the reservoir with the stored values written
-in, paper section 2.4). Since top-(D) is a subset of top-(D + M) under the same total order (score,
-then lower index), B is selected over the grid and A only among B's units. Allocated per tensor
-and refresh, besides O(|B|) index arrays: the grid scores (one float per unit; with 1x1 units
-|theta|), numpy's partition copy of them (one float per unit) and the comparison masks of the
-selection (one bool per unit each); ``random_exploration`` adds one random float per unit.
+A refresh costs what changed, not the dense size (DESIGN.md, "A step costs what changed"): theta
+outside B never changes between refreshes, so the reservoir's best units are kept ranked
+(:class:`alwayssparse.ranking.RankedReservoir`, per selection group: a tensor, or all of them with
+``selection="global"``) and the new B and A are selected from B's current scores (the stored
+units' block norms, ``UnitStorage.unit_scores``) merged with that ranking: O(|B|) plus the units
+that cross a boundary, with the same result and tie rule as the exact top-k over the grid (score,
+then lower index; per tensor, or over the concatenation). The storage is told what changed
+(``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
+(``UnitStorage.grid_scores``; on the sparse backend the reservoir with the stored values written
+in, paper section 2.4) only when that ranking is missing or stale (the first refresh; after a
+checkpoint load or any assign not made here, which change the storage's ``reservoir_token``; a
+storage without a token) or cannot decide (the units that would enter lie beyond the ranked part
+of the reservoir), and always with ``random_exploration`` (B\\A is drawn afresh each refresh, so
+nothing carries over). Allocated per group and refresh: O(|B|) index and key arrays, and the
+ranked reservoir (one int64 key per unit, up to |B| of them); a full ranking adds the grid scores
+(one float per unit), numpy's partition copy and the selection masks (one bool per unit each).
 """
 
 from __future__ import annotations
@@ -36,12 +45,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask
+from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask, write_units
 from alwayssparse.methods.base import Method, register
-from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange
+from alwayssparse.ranking import (
+    KEYED_DTYPES,
+    MAX_POSITIONS,
+    RankedReservoir,
+    key_positions,
+    rank_keys,
+)
+from alwayssparse.sparse_tensor import SparseTensor, TensorsKey, TopologyChange, UnitDelta
 
 SELECTIONS = ("layer", "global")
 EXPLORATION_NORMS = ("l2", "l1")
@@ -113,6 +130,10 @@ class TopKAST(Method):
 
     def __post_init__(self) -> None:
         self._coefficient_cache: dict[str, tuple[TensorsKey, Tensor]] = {}
+        # Per selection group (tensor names): the ranked reservoir of its last refresh.
+        self._rankings: dict[tuple[str, ...], RankedReservoir] = {}
+        # Refreshes of a selection group by the ranked reservoir, and by ranking the whole grid.
+        self.refresh_counts = {"incremental": 0, "full": 0}
 
     @property
     def fixed_layer_counts(self) -> bool:
@@ -176,6 +197,165 @@ class TopKAST(Method):
     def _refresh(
         self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
     ) -> dict[str, TopologyChange]:
+        if explore and self.random_exploration:
+            # B\A is drawn afresh every refresh: nothing carries over, rank the whole grid.
+            self.refresh_counts["full"] += 1
+            return self._refresh_full(tensors, generator, explore)
+        groups = [list(tensors)] if self.selection == "global" else [[t] for t in tensors]
+        changes: dict[str, TopologyChange] = {}
+        for group in groups:
+            changes.update(self._refresh_group(group, generator, explore))
+        return changes
+
+    def _refresh_group(
+        self, group: list[SparseTensor], generator: torch.Generator, explore: bool
+    ) -> dict[str, TopologyChange]:
+        """One selection group (a tensor, or all with global selection): incrementally from
+        its ranked reservoir when that is still valid and decides exactly, else in full."""
+        key = tuple(t.name for t in group)
+        ranking = self._rankings.pop(key, None)
+        tokens = [t.storage.reservoir_token() for t in group]
+        if ranking is not None and None not in tokens and ranking.tokens == tokens:
+            changes = self._refresh_incremental(group, ranking, explore)
+            if changes is not None:
+                self.refresh_counts["incremental"] += 1
+                ranking.tokens = [t.storage.reservoir_token() for t in group]
+                self._rankings[key] = ranking
+                return changes
+        changes, ranking = self._refresh_full_group(group, explore)
+        self.refresh_counts["full"] += 1
+        if ranking is not None:
+            ranking.tokens = [t.storage.reservoir_token() for t in group]
+            if None not in ranking.tokens:
+                self._rankings[key] = ranking
+        return changes
+
+    def _counts(self, group: list[SparseTensor], explore: bool) -> tuple[int, int]:
+        count_a = sum(t.forward_count for t in group)
+        count_b = sum(t.backward_count for t in group) if explore else count_a
+        return count_b, count_a
+
+    def _refresh_incremental(
+        self, group: list[SparseTensor], ranking: RankedReservoir, explore: bool
+    ) -> dict[str, TopologyChange] | None:
+        """B and A from B's current scores and the ranked reservoir: O(|B|) plus the units that
+        cross a boundary. ``None`` when the ranking cannot decide exactly (nothing assigned)."""
+        offsets = _offsets(group)
+        keys, flags, devices = [], [], []
+        for t, offset in zip(group, offsets, strict=False):
+            b_units, b_in_a = t.storage.units()
+            unit_keys = rank_keys(t.storage.unit_scores(), b_units.cpu().numpy() + offset)
+            if unit_keys is None:
+                return None
+            keys.append(unit_keys)
+            flags.append(b_in_a.cpu().numpy())
+            devices.append(b_units.device)
+        all_keys = np.concatenate(keys)
+        count_b, count_a = self._counts(group, explore)
+        selection = ranking.select(all_keys, np.concatenate(flags), count_b, count_a)
+        if selection is None:
+            return None
+        # Kept units are in position order; entering ones are few: sort them and merge.
+        kept = key_positions(all_keys[selection.keep])
+        entering = key_positions(selection.entering)
+        order = np.argsort(entering)
+        entering, entering_in_a = entering[order], selection.entering_in_a[order]
+        changes = {}
+        start = 0
+        for i, t in enumerate(group):
+            lo, hi = offsets[i], offsets[i + 1]
+            old_units, old_in_a = key_positions(keys[i]) - lo, flags[i]
+            keep = selection.keep[start : start + old_units.size]
+            start += old_units.size
+            k0, k1 = np.searchsorted(kept, [lo, hi])
+            e0, e1 = np.searchsorted(entering, [lo, hi])
+            kept_units, kept_in_a = kept[k0:k1] - lo, selection.keep_in_a[k0:k1]
+            new_units, new_in_a = entering[e0:e1] - lo, entering_in_a[e0:e1]
+            places = np.searchsorted(kept_units, new_units)
+            units = np.insert(kept_units, places, new_units)
+            in_a = np.insert(kept_in_a, places, new_in_a)
+            # What changed, from the selection itself (no search against the old units).
+            a_after = np.zeros(old_units.size, dtype=bool)
+            a_after[keep] = kept_in_a
+            was_in_a = old_in_a[keep]
+            entered_a = np.concatenate([kept_units[kept_in_a & ~was_in_a], new_units[new_in_a]])
+            delta = UnitDelta(
+                entered=_tensor(new_units, devices[i]),
+                left=_tensor(old_units[~keep], devices[i]),
+                entered_a=_tensor(np.sort(entered_a), devices[i]),
+                left_a=_tensor(old_units[old_in_a & ~a_after], devices[i]),
+            )
+            current = self._coefficients_current(t)
+            change = t.storage.assign_delta(
+                _tensor(units, devices[i]), torch.from_numpy(in_a).to(devices[i]), delta
+            )
+            if current:
+                self._patch_coefficients(t, change)
+            changes[t.name] = change
+        return changes
+
+    def _coefficients_current(self, t: SparseTensor) -> bool:
+        cached = self._coefficient_cache.get(t.name)
+        return cached is not None and cached[0] == TensorsKey((t.forward_mask, t.grad_mask))
+
+    def _assign(self, t: SparseTensor, units: Tensor, in_a: Tensor) -> TopologyChange:
+        current = self._coefficients_current(t)
+        change = t.storage.assign(units, in_a)
+        if current:
+            self._patch_coefficients(t, change)
+        return change
+
+    def _patch_coefficients(self, t: SparseTensor, change: TopologyChange) -> None:
+        """Keep the regulariser's cached coefficients (1 on A, 1/D on B\\A, 0 on C) through a
+        change given in units, writing only the changed units (dense storage only)."""
+        cached = self._coefficient_cache.get(t.name)
+        left_a, entered_a = change.left_a_units, change.entered_a_units
+        if (
+            cached is None
+            or left_a is None
+            or entered_a is None
+            or change.entered_units is None
+            or change.left_units is None
+            or change.moved is not None  # entries (slots) moved: a compact storage
+            or change.reset_slots is not None
+            or cached[1].shape != t.shape
+        ):
+            return
+        coefficients = cached[1]
+        inverse = torch.ones(1, dtype=coefficients.dtype, device=coefficients.device) / t.density
+        block = t.block
+        write_units(coefficients, left_a, block, inverse.expand(left_a.numel(), block, block))
+        entered = change.entered_units
+        write_units(coefficients, entered, block, inverse.expand(entered.numel(), block, block))
+        write_units(coefficients, change.left_units, block, 0.0)
+        write_units(coefficients, entered_a, block, 1.0)
+        self._coefficient_cache[t.name] = (TensorsKey((t.forward_mask, t.grad_mask)), coefficients)
+
+    def _refresh_full_group(
+        self, group: list[SparseTensor], explore: bool
+    ) -> tuple[dict[str, TopologyChange], RankedReservoir | None]:
+        """Rank the whole grid of every tensor of the group (O(n)); also rank its reservoir for
+        the next refreshes (``None`` when the scores cannot be keyed)."""
+        storages = [t.storage for t in group]
+        scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
+        count_b, count_a = self._counts(group, explore)
+        counts_b = [t.backward_count if explore else t.forward_count for t in group]
+        backward = self._select(scores, counts_b)
+        units = [torch.nonzero(b.reshape(-1)).squeeze(1) for b in backward]
+        if not explore:
+            in_a = [torch.ones_like(u, dtype=torch.bool) for u in units]
+        else:
+            # A = top-D among B's units: the same set as top-D over the grid.
+            gathered = [s.reshape(-1)[u] for s, u in zip(scores, units, strict=True)]
+            in_a = self._select(gathered, [t.forward_count for t in group])
+        ranking = _rank_reservoir(scores, backward, _offsets(group), count_b)
+        del scores, backward
+        assigned = zip(group, units, in_a, strict=True)
+        return {t.name: self._assign(t, u, a) for t, u, a in assigned}, ranking
+
+    def _refresh_full(
+        self, tensors: Sequence[SparseTensor], generator: torch.Generator, explore: bool
+    ) -> dict[str, TopologyChange]:
         storages = [t.storage for t in tensors]
         scores = [s.grid_scores() for s in storages]  # |theta|, or block norms with blocks
         forward_counts = [t.forward_count for t in tensors]
@@ -199,10 +379,50 @@ class TopKAST(Method):
             gathered = [s.reshape(-1)[u] for s, u in zip(scores, units, strict=True)]
             in_a = self._select(gathered, forward_counts)
         del scores, backward
-        return {
-            t.name: storage.assign(u, a)
-            for t, storage, u, a in zip(tensors, storages, units, in_a, strict=True)
-        }
+        return {t.name: self._assign(t, u, a) for t, u, a in zip(tensors, units, in_a, strict=True)}
+
+
+def _tensor(values: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+
+
+def _offsets(group: list[SparseTensor]) -> list[int]:
+    """Position of each tensor's first unit in the group's concatenation, and the total."""
+    offsets = [0]
+    for t in group:
+        offsets.append(offsets[-1] + t.num_blocks)
+    return offsets
+
+
+def _rank_reservoir(
+    scores: list[Tensor], backward: list[Tensor], offsets: list[int], size: int
+) -> RankedReservoir | None:
+    """The best ``size`` units of the reservoir C = not B over the group (see
+    :mod:`alwayssparse.ranking`); ``None`` if their scores cannot be keyed exactly."""
+    if offsets[-1] > MAX_POSITIONS:
+        return None
+    reservoir_scores, positions = [], []
+    for s, b, offset in zip(scores, backward, offsets, strict=False):
+        if s.dtype not in KEYED_DTYPES:
+            return None
+        outside = ~b.reshape(-1)
+        reservoir_scores.append(s.reshape(-1)[outside].to("cpu", torch.float32).numpy())
+        positions.append(torch.nonzero(outside).squeeze(1).cpu().numpy() + offset)
+    values, where = np.concatenate(reservoir_scores), np.concatenate(positions)
+    reservoir_size = values.size
+    if values.size > size:
+        # Units scoring at least the size-th best score (ties may add a few): key only those.
+        threshold = np.partition(values, values.size - size)[values.size - size]
+        best = values >= threshold
+        values, where = values[best], where[best]
+    keys = rank_keys(torch.from_numpy(values), where)
+    if keys is None:
+        return None
+    ranking = RankedReservoir.build(keys, size)
+    if ranking.floor < 0 and keys.size < reservoir_size:
+        # Units below the threshold were never keyed: they rank below the frontier's last.
+        ranking.floor = int(ranking.frontier[-1])
+    return ranking
 
 
 def _keep_only_a(t: SparseTensor) -> TopologyChange:

@@ -301,10 +301,12 @@ Split make_split(int64_t N, int64_t NT, int64_t R) {
 // is broadcast through the stack), a scalar times a native vector is one vbroadcastss.  The
 // NT / VW accumulators must stay in registers (pick_nv); with few of them, two accumulator sets
 // alternate to hide the FMA latency.
+// With ``bias``, out row r gets bias[r] added to the finished sum (as ``y + bias`` would).
 template <int NV, typename I>
 inline void spmm_rows(const int64_t* __restrict ptr, const I* __restrict idx,
                       const float* __restrict val, int64_t r0, int64_t r1,
-                      const float* __restrict bt, float* __restrict out) {
+                      const float* __restrict bt, float* __restrict out,
+                      const float* __restrict bias) {
   constexpr int NT = 16 * NV;
   constexpr int NN = NT / VW;
   constexpr int NA = NN >= 4 ? 1 : 2;
@@ -339,13 +341,18 @@ inline void spmm_rows(const int64_t* __restrict ptr, const I* __restrict idx,
       for (int s = 1; s < NA; ++s) sum += a[s][i];
       o[i] = sum;
     }
+    if (bias != nullptr) {
+      const float b = bias[r];
+#pragma GCC unroll 16
+      for (int i = 0; i < NN; ++i) o[i] += b;
+    }
   }
 }
 
 // y (N x R) = x (N x K) @ S^T where S (R x K) is CSR (ptr, idx, val).
 template <int NV, typename I>
 void spmm_fm(const int64_t* ptr, const I* idx, const float* val, int64_t R,
-             const float* x, int64_t N, int64_t K, float* y) {
+             const float* x, int64_t N, int64_t K, float* y, const float* bias) {
   constexpr int NT = 16 * NV;
   const Split s = make_split(N, NT, R);
   run_workers(s.items, [&](int64_t, auto& next) {
@@ -362,7 +369,7 @@ void spmm_fm(const int64_t* ptr, const I* idx, const float* val, int64_t R,
       const int64_t g1 = std::min(s.ngroups, (c + 1) * s.gper);
       for (int64_t g = c * s.gper; g < g1; ++g) {
         const int64_t r0 = g * 16, rr = std::min<int64_t>(16, R - r0);
-        spmm_rows<NV, I>(ptr, idx, val, r0, r0 + rr, bt.get(), ob.get());
+        spmm_rows<NV, I>(ptr, idx, val, r0, r0 + rr, bt.get(), ob.get(), bias);
         unpack_rows<NT>(ob.get(), rr, nt, y + n0 * R + r0, R);
       }
     }
@@ -510,12 +517,22 @@ void check_dense(const at::Tensor& t, const char* name) {
 
 // ---------------------------------------------------------------- unstructured entry points
 
+// Optional bias (R floats), added to every row of the result.
+const float* bias_data(const c10::optional<at::Tensor>& bias, int64_t R) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
+                  bias->size(0) == R,
+              "bias must be a contiguous float32 vector of the output size");
+  return bias->data_ptr<float>();
+}
+
 at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x, int64_t R,
-                    int64_t nt) {
+                    int64_t nt, c10::optional<at::Tensor> bias) {
   check_csr(ptr, idx);
   check_dense(x, "x");
   TORCH_CHECK(val.dtype() == at::kFloat && val.is_contiguous(), "values must be float32");
   const int64_t N = x.size(0), K = x.size(1);
+  const float* bp = bias_data(bias, R);
   auto y = alloc_output({N, R}, false);
   if (N == 0 || R == 0) return y;
   const int nv = pick_nv(N, K, nt);
@@ -526,10 +543,10 @@ at::Tensor csr_spmm(at::Tensor ptr, at::Tensor idx, at::Tensor val, at::Tensor x
   with_indices(idx, [&](const auto* c) {
     using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
     switch (nv) {
-      case 8: spmm_fm<8, I>(p, c, v, R, xp, N, K, yp); break;
-      case 4: spmm_fm<4, I>(p, c, v, R, xp, N, K, yp); break;
-      case 2: spmm_fm<2, I>(p, c, v, R, xp, N, K, yp); break;
-      default: spmm_fm<1, I>(p, c, v, R, xp, N, K, yp); break;
+      case 8: spmm_fm<8, I>(p, c, v, R, xp, N, K, yp, bp); break;
+      case 4: spmm_fm<4, I>(p, c, v, R, xp, N, K, yp, bp); break;
+      case 2: spmm_fm<2, I>(p, c, v, R, xp, N, K, yp, bp); break;
+      default: spmm_fm<1, I>(p, c, v, R, xp, N, K, yp, bp); break;
     }
   });
   return y;
@@ -609,7 +626,7 @@ template <int B, int NR, typename I>
 inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
                      const float* __restrict wt, int64_t i0, int64_t i1,
                      const float* __restrict x, int64_t K, float* __restrict y, int64_t M,
-                     int64_t bstride = B) {
+                     const float* __restrict bias, int64_t bstride = B) {
   constexpr int H = B > VW ? B / VW : 1;
   typedef typename VecOf<B / H>::type vb;
   for (int64_t i = i0; i < i1; ++i) {
@@ -634,6 +651,15 @@ inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
         }
       }
     }
+    if (bias != nullptr) {  // added to the finished sums, as y + bias would
+      vb bv[H];
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) std::memcpy(&bv[h], bias + i * B + h * (B / H), sizeof(vb));
+#pragma GCC unroll 32
+      for (int t = 0; t < NR; ++t)
+#pragma GCC unroll 2
+        for (int h = 0; h < H; ++h) acc[t][h] += bv[h];
+    }
 #pragma GCC unroll 32
     for (int t = 0; t < NR; ++t)
 #pragma GCC unroll 2
@@ -644,7 +670,7 @@ inline void bsr_rows(const int64_t* __restrict bptr, const I* __restrict bidx,
 
 template <int B, typename I>
 void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t NBR,
-                   const float* x, int64_t N, int64_t K, float* y) {
+                   const float* x, int64_t N, int64_t K, float* y, const float* bias) {
   // Rows of x per pass: NR * H accumulators, H weight vectors and a broadcast in registers.
   constexpr int NR = B > VW ? 6 : 12;
   const int64_t M = NBR * B;
@@ -673,10 +699,10 @@ void bsr_spmm_impl(const int64_t* bptr, const I* bidx, const float* wt, int64_t 
           }
           cur = nb;
         }
-        bsr_rows<B, NR, I>(bptr, bidx, wt, i0, i1, xk, B, y + n0 * M, M, NR * B);
+        bsr_rows<B, NR, I>(bptr, bidx, wt, i0, i1, xk, B, y + n0 * M, M, bias, NR * B);
       } else {
         for (int64_t n = n0; n < n0 + nr; ++n)
-          bsr_rows<B, 1, I>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M);
+          bsr_rows<B, 1, I>(bptr, bidx, wt, i0, i1, x + n * K, K, y + n * M, M, bias);
       }
     }
   });
@@ -883,7 +909,7 @@ void bsr_sddmm_impl(const int64_t* bptr, const I* bidx, int64_t NBR, const float
 }
 
 at::Tensor bsr_spmm(at::Tensor bptr, at::Tensor bidx, at::Tensor wt, at::Tensor x,
-                    int64_t out_features) {
+                    int64_t out_features, c10::optional<at::Tensor> bias) {
   check_csr(bptr, bidx);
   check_dense(x, "x");
   TORCH_CHECK(wt.dtype() == at::kFloat && wt.is_contiguous() && wt.dim() == 3,
@@ -891,6 +917,7 @@ at::Tensor bsr_spmm(at::Tensor bptr, at::Tensor bidx, at::Tensor wt, at::Tensor 
   const int64_t B = wt.size(1);
   const int64_t NBR = bptr.size(0) - 1, N = x.size(0), K = x.size(1);
   TORCH_CHECK(NBR * B == out_features, "block_row_ptr does not match out_features");
+  const float* bp = bias_data(bias, out_features);
   auto y = alloc_output({N, out_features}, false);
   if (N == 0 || out_features == 0) return y;
   TORCH_CHECK(B == 4 || B == 8 || B == 16, "block size must be 4, 8 or 16");
@@ -901,9 +928,9 @@ at::Tensor bsr_spmm(at::Tensor bptr, at::Tensor bidx, at::Tensor wt, at::Tensor 
   with_indices(bidx, [&](const auto* c) {
     using I = std::remove_cv_t<std::remove_pointer_t<decltype(c)>>;
     switch (B) {
-      case 16: bsr_spmm_impl<16, I>(p, c, w, NBR, xp, N, K, yp); break;
-      case 8: bsr_spmm_impl<8, I>(p, c, w, NBR, xp, N, K, yp); break;
-      default: bsr_spmm_impl<4, I>(p, c, w, NBR, xp, N, K, yp); break;
+      case 16: bsr_spmm_impl<16, I>(p, c, w, NBR, xp, N, K, yp, bp); break;
+      case 8: bsr_spmm_impl<8, I>(p, c, w, NBR, xp, N, K, yp, bp); break;
+      default: bsr_spmm_impl<4, I>(p, c, w, NBR, xp, N, K, yp, bp); break;
     }
   });
   return y;
@@ -942,10 +969,14 @@ int64_t num_threads() { return at::get_num_threads(); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("csr_spmm", &csr_spmm, "y = x @ S^T for CSR S (feature-major kernel)");
+  m.def("csr_spmm", &csr_spmm, "y = x @ S^T (+ bias) for CSR S (feature-major kernel)",
+        py::arg("ptr"), py::arg("idx"), py::arg("val"), py::arg("x"), py::arg("rows"),
+        py::arg("nt"), py::arg("bias") = py::none());
   m.def("csr_sddmm", &csr_sddmm, "sampled dense-dense product at CSR positions");
   m.def("compressed_transpose", &compressed_transpose, "CSR -> CSC pattern with permutation");
-  m.def("bsr_spmm", &bsr_spmm, "y = x @ W^T for BSR W given transposed blocks");
+  m.def("bsr_spmm", &bsr_spmm, "y = x @ W^T (+ bias) for BSR W given transposed blocks",
+        py::arg("ptr"), py::arg("idx"), py::arg("blocks_t"), py::arg("x"),
+        py::arg("out_features"), py::arg("bias") = py::none());
   m.def("bsr_sddmm", &bsr_sddmm, "sampled block gradient");
   m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
 }

@@ -1,0 +1,252 @@
+"""Top-KAST's incremental refresh (alwayssparse.ranking) against the full exact top-k.
+
+Long random runs with many ties: every refresh's A and B must equal the exact top-k of the current
+theta (score, then lower position), per tensor and globally, unstructured and in blocks, on the
+masked and the sparse backend; and a run with the incremental refresh must match, bit for bit,
+one whose storages hide their reservoir token (so that every refresh ranks the whole grid).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alwayssparse import Sparsity
+from alwayssparse.backends.sparse import SparseLinear
+from alwayssparse.masks import block_norms, count_for_density, global_topk_masks, topk_mask
+from alwayssparse.methods import TopKAST
+from alwayssparse.ranking import RankedReservoir, key_positions, rank_keys
+from alwayssparse.sparse_tensor import TensorsKey, UnitStorage, write_units
+
+# -- the ranking alone ---------------------------------------------------------------------------
+
+
+def _top(keys: np.ndarray, k: int) -> set[int]:
+    return set(np.sort(keys)[::-1][:k].tolist())
+
+
+def test_rank_keys_order_is_score_then_lower_position() -> None:
+    scores = torch.tensor([0.5, 0.25, 0.5, 0.0, -0.0, 1.0])
+    keys = rank_keys(scores, np.arange(6))
+    assert keys is not None
+    assert list(np.argsort(keys)[::-1]) == [5, 0, 2, 1, 3, 4]
+    assert list(key_positions(keys)) == list(range(6))
+    assert rank_keys(torch.tensor([float("nan")]), np.arange(1)) is None
+    assert rank_keys(torch.tensor([1.0], dtype=torch.float64), np.arange(1)) is None
+
+
+def test_ranked_reservoir_matches_brute_force_over_long_random_runs() -> None:
+    rng = np.random.default_rng(0)
+    incremental = 0
+    for _ in range(12):
+        n = int(rng.integers(30, 2000))
+        count_b = int(rng.integers(1, n))
+        count_a = int(rng.integers(1, count_b + 1))
+        levels = int(rng.integers(2, 40))  # few distinct scores: many ties
+        scores = (rng.integers(0, levels, n) / levels).astype(np.float32)
+        positions = np.arange(n)
+        keys = rank_keys(torch.from_numpy(scores), positions)
+        assert keys is not None
+        b, a = _top(keys, count_b), _top(keys, count_a)
+        in_b = np.isin(keys, list(b))
+        size = int(rng.integers(1, n - count_b + 1))
+        ranking = RankedReservoir.build(keys[~in_b], size)
+        for _ in range(100):
+            where = np.flatnonzero(in_b)  # only B's scores move
+            moved = scores[where] + rng.normal(0, 0.05, where.size).astype(np.float32)
+            scores[where] = np.maximum(0, np.round(moved * levels) / levels)
+            keys = rank_keys(torch.from_numpy(scores), positions)
+            assert keys is not None
+            in_a = np.isin(keys, list(a))
+            if rng.random() < 0.05:  # the counts may change (exploration stops, or restarts)
+                count_b = int(rng.integers(1, n))
+                count_a = int(rng.integers(1, count_b + 1))
+            selection = ranking.select(keys[where], in_a[where], count_b, count_a)
+            b, a = _top(keys, count_b), _top(keys, count_a)
+            if selection is None:  # not decidable from the frontier: rank in full
+                in_b = np.isin(keys, list(b))
+                ranking = RankedReservoir.build(keys[~in_b], size)
+                continue
+            incremental += 1
+            kept = keys[where][selection.keep]
+            assert set(kept.tolist()) | set(selection.entering.tolist()) == b
+            new_a = set(kept[selection.keep_in_a].tolist())
+            new_a |= set(selection.entering[selection.entering_in_a].tolist())
+            assert new_a == a
+            in_b = np.isin(keys, list(b))
+            reservoir = np.sort(keys[~in_b])[::-1]
+            frontier = ranking.frontier
+            assert np.array_equal(reservoir[: frontier.size], frontier)  # a prefix of C's order
+            if ranking.floor >= 0:
+                assert (reservoir[frontier.size :] < ranking.floor).all()
+    assert incremental > 600
+
+
+# -- through Sparsity, both backends --------------------------------------------------------------
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                          nn.Linear(48, 16))  # fmt: skip
+    with torch.no_grad():  # few distinct magnitudes: ties everywhere, also inside the reservoir
+        for p in model.parameters():
+            p.copy_(torch.round(p * 16) / 16)
+    return model
+
+
+def dense_theta(t: Any) -> Tensor:
+    """Theta of the whole tensor, read without writing anything (no reservoir sync)."""
+    layer = t.module
+    if isinstance(layer, SparseLinear):
+        theta = layer.reservoir.clone()
+        slots = layer.unit_slots()
+        write_units(theta, layer.units[slots].long(), layer.block, layer.tiles().detach()[slots])
+        return theta
+    return t.weight.detach().clone()
+
+
+def expected_masks(sp: Sparsity, explore: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    """The full exact top-k of the current theta (on the block grid)."""
+    tensors = sp.tensors
+    scores = [block_norms(dense_theta(t), t.block, t.block_norm) for t in tensors]
+    forward = [t.forward_count for t in tensors]
+    backward = [t.backward_count if explore else t.forward_count for t in tensors]
+    if sp.method.selection == "global":
+        a, b = global_topk_masks(scores, sum(forward)), global_topk_masks(scores, sum(backward))
+    else:
+        a = [topk_mask(s, k) for s, k in zip(scores, forward, strict=True)]
+        b = [topk_mask(s, k) for s, k in zip(scores, backward, strict=True)]
+    return {t.name: (t.expand(x), t.expand(y)) for t, x, y in zip(tensors, a, b, strict=True)}
+
+
+def run(
+    backend: str, steps: int, full: bool = False, check: bool = True, **options: Any
+) -> dict[str, Any]:
+    model = make_model()
+    block = options.pop("block_size", 1)
+    sp = Sparsity(model, method="topkast", sparsity=0.8, backward_sparsity=0.6,
+                  backend=backend, block_size=block, exploration_coefficient=1e-2,
+                  seed=3, **options)  # fmt: skip
+    method = sp.method
+    assert isinstance(method, TopKAST)
+    if full:  # hide the reservoir tokens: every refresh ranks the whole grid
+        for t in sp.tensors:
+            t.storage.reservoir_token = lambda: None  # type: ignore[method-assign]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(4)
+    losses, masks, changes = [], [], 0
+    for step in range(steps):
+        x = torch.randn(32, 32, generator=generator)
+        y = torch.randn(32, 16, generator=generator)
+        loss = F.mse_loss(model(x), y) + sp.regularizer()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # keep magnitudes on a coarse grid: ties between B and C
+            for t in sp.tensors:
+                t.weight.copy_(torch.round(t.weight * 64) / 64)
+        before = {n: (a.clone(), b.clone()) for n, (a, b) in sp.masks().items()}
+        sp.step(step, optimizer)
+        after = {n: (a.clone(), b.clone()) for n, (a, b) in sp.masks().items()}
+        changes += sum(not torch.equal(after[n][1], before[n][1]) for n in after)
+        if check and (step + 1) % method.refresh_interval == 0:  # a refresh (not a stop)
+            expected = expected_masks(sp, method.exploring(step + 1))
+            for name, (a, b) in after.items():
+                assert torch.equal(a, expected[name][0]), (step, name, "A")
+                if not method.random_exploration:  # else B\A is drawn at random
+                    assert torch.equal(b, expected[name][1]), (step, name, "B")
+        for t in sp.tensors:  # the regulariser's coefficients, patched at changed units only
+            cached = method._coefficient_cache.get(t.name)
+            if cached is not None and cached[1].shape == t.shape and method.updates_at(step):
+                a, b = t.forward_mask, t.grad_mask
+                fresh = a.to(t.weight.dtype) + (b & ~a).to(t.weight.dtype) / t.density
+                assert cached[0] == TensorsKey((a, b)), "patched, not rebuilt"
+                assert torch.equal(cached[1], fresh), (step, t.name)
+        losses.append(loss.item())
+        masks.append(after)
+    return {"losses": losses, "masks": masks, "method": method, "changes": changes}
+
+
+CASES = [
+    ("masked", {"refresh_interval": 1}),
+    ("masked", {"refresh_interval": 3, "selection": "global"}),
+    ("masked", {"refresh_interval": 1, "block_size": 4, "block_norm": "l2"}),
+    ("masked", {"refresh_interval": 2, "block_size": 4, "selection": "global"}),
+    ("sparse", {"refresh_interval": 1}),
+    ("sparse", {"refresh_interval": 1, "block_size": 4}),
+    ("sparse", {"refresh_interval": 4, "block_size": 8, "block_norm": "linf"}),
+]
+
+
+@pytest.mark.parametrize(("backend", "options"), CASES)
+def test_incremental_refresh_is_the_exact_top_k(backend: str, options: dict[str, Any]) -> None:
+    result = run(backend, steps=150, **options)
+    method = result["method"]
+    assert result["changes"] > 20  # the topology really moved
+    assert method.refresh_counts["incremental"] > 4 * method.refresh_counts["full"]
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"refresh_interval": 1, "exploration_stop_step": 40},
+        {"refresh_interval": 3, "exploration_stop_step": 20},
+        {"refresh_interval": 1, "random_exploration": True},
+    ],
+)
+def test_incremental_run_matches_a_full_ranking_run(backend: str, options: dict[str, Any]) -> None:
+    incremental = run(backend, steps=80, **options)
+    full = run(backend, steps=80, full=True, check=False, **options)
+    assert incremental["losses"] == full["losses"]
+    for step, (a, b) in enumerate(zip(incremental["masks"], full["masks"], strict=True)):
+        for name in a:
+            assert torch.equal(a[name][0], b[name][0]), (step, name)
+            assert torch.equal(a[name][1], b[name][1]), (step, name)
+    counts = incremental["method"].refresh_counts
+    if options.get("random_exploration"):
+        assert counts["incremental"] == 0  # drawn afresh every refresh: always in full
+    else:
+        assert counts["incremental"] > counts["full"]
+
+
+def test_external_writes_outside_b_force_a_full_ranking() -> None:
+    """A checkpoint load changes theta outside B: the reservoir ranking must not be reused."""
+    model = make_model()
+    sp = Sparsity(model, method="topkast", sparsity=0.8, backward_sparsity=0.6, seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 32)
+    for step in range(3):
+        F.mse_loss(model(x), torch.zeros(8, 16)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sp.step(step, optimizer)
+    full = sp.method.refresh_counts["full"]
+    original = next(t for t in sp.tensors)
+    storage: UnitStorage = original.storage
+    token = storage.reservoir_token()
+    model.load_state_dict(state)
+    assert storage.reservoir_token() != token
+    F.mse_loss(model(x), torch.zeros(8, 16)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    sp.step(3, optimizer)
+    assert sp.method.refresh_counts["full"] == full + len(sp.tensors)
+    expected = expected_masks(sp, True)
+    for name, (a, b) in sp.masks().items():
+        assert torch.equal(a, expected[name][0]) and torch.equal(b, expected[name][1])
+
+
+def test_counts_are_exact_for_the_expected_sizes() -> None:
+    sp = Sparsity(make_model(), method="topkast", sparsity=0.8, backward_sparsity=0.6)
+    for t in sp.tensors:
+        n = t.num_blocks
+        assert t.forward_count == count_for_density(n, 0.2)
+        assert t.backward_count == count_for_density(n, 0.4)
