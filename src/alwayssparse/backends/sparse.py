@@ -372,7 +372,7 @@ class SparseLinear(CompactLinear):
                 if self.reservoir is not None:
                     write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
         # Written through numpy: bump the versions that counts, tokens and caches key on.
-        torch.autograd.graph.increment_version(self.units)
+        _bump_version(self.units)
         self._slot_masks = None
         return slots_t, left_t
 
@@ -388,6 +388,15 @@ class SparseLinear(CompactLinear):
         else:
             y = _SparseLinearFunction.apply(x2, self.values, bias, self)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _bump_version(tensor: Tensor) -> None:
+    """Mark ``tensor`` as written in place (it was, through numpy)."""
+    increment = getattr(torch.autograd.graph, "increment_version", None)
+    if increment is not None:
+        increment(tensor)
+    else:  # older torch: a no-op in-place op bumps it too
+        tensor.add_(0)
 
 
 @dataclass

@@ -165,7 +165,7 @@ class TopKAST(Method):
             return self._refresh(tensors, generator, explore=self.exploring(upcoming))
         if upcoming == self.exploration_stop_step:
             # Exploration stops between refreshes: drop B\A now, keep A as it is.
-            return {t.name: _keep_only_a(t) for t in tensors}
+            return {t.name: self._keep_only_a(t) for t in tensors}
         return {}
 
     def regularizer(self, tensors: Sequence[SparseTensor]) -> Tensor | None:
@@ -293,6 +293,12 @@ class TopKAST(Method):
                 self._patch_coefficients(t, change)
             changes[t.name] = change
         return changes
+
+    def _keep_only_a(self, t: SparseTensor) -> TopologyChange:
+        """B = A (exploration stops), through the tensor's unit storage."""
+        units, in_a = t.storage.units()
+        a_units = units[in_a]
+        return self._assign(t, a_units, torch.ones_like(a_units, dtype=torch.bool))
 
     def _coefficients_current(self, t: SparseTensor) -> bool:
         cached = self._coefficient_cache.get(t.name)
@@ -423,14 +429,6 @@ def _rank_reservoir(
         # Units below the threshold were never keyed: they rank below the frontier's last.
         ranking.floor = int(ranking.frontier[-1])
     return ranking
-
-
-def _keep_only_a(t: SparseTensor) -> TopologyChange:
-    """B = A (exploration stops), through the tensor's unit storage."""
-    storage = t.storage
-    units, in_a = storage.units()
-    a_units = units[in_a]
-    return storage.assign(a_units, torch.ones_like(a_units, dtype=torch.bool))
 
 
 class _WeightedNorm(torch.autograd.Function):
