@@ -1,9 +1,9 @@
 """Kill -9 a training run at random moments, resume it each time, compare with an uninterrupted run.
 
 For each preset: one uninterrupted ``alwayssparse train`` into ``ref/``, then the same run into
-``killed/`` killed with SIGKILL ``--kills`` times at random moments of its training (drawn from
-what is left to train, measured on the uninterrupted run: while it trains, evaluates or writes a
-checkpoint) and resumed with ``--resume`` after each kill (a kill before the first
+``killed/`` killed with SIGKILL ``--kills`` times at random moments (a random step of what is
+left to train, then a random delay: while it trains, evaluates or writes a checkpoint) and
+resumed with ``--resume`` after each kill (a kill before the first
 checkpoint restarts it with ``--overwrite``). At the end ``summary.json`` (all but timings) and
 every tensor of the final checkpoint (model, optimizer, sparsity state, RNG states) must be
 identical. Prints a table: preset, kills, resumes, restarts, identical or not.
@@ -44,43 +44,33 @@ def _command(
             *overrides]  # fmt: skip
 
 
-def _run(command: list[str], run_dir: Path, kill_after: float | None) -> bool:
-    """Run ``command``; SIGKILL it ``kill_after`` seconds after it starts training (when it
-    writes ``config.json``, after loading data and checkpoint). True if it finished by itself."""
-    marker = run_dir / "config.json"
-    before = marker.stat().st_mtime_ns if marker.exists() else None
+def _run(command: list[str], run_dir: Path, kill_at: int | None, delay: float) -> bool:
+    """Run ``command``; SIGKILL it ``delay`` seconds after its metrics reach step ``kill_at``
+    (``None``: never). True if it finished by itself."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if kill_after is not None:
-        while process.poll() is None and (
-            not marker.exists() or marker.stat().st_mtime_ns == before
-        ):
+    if kill_at is not None:
+        while process.poll() is None and _last_step(run_dir) < kill_at:
             time.sleep(0.005)
-    try:
-        process.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return False
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return False
+    process.wait()
     if process.returncode != 0:
         error = process.stderr.read().decode() if process.stderr else ""
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{error}")
     return True
 
 
-def _training_seconds(run_dir: Path) -> float:
-    """How long a finished run trained: from config.json (written as training starts) to
-    summary.json."""
-    start, end = ((run_dir / n).stat().st_mtime for n in ("config.json", "summary.json"))
-    return max(end - start, 0.1)
-
-
-def _remaining(run_dir: Path) -> float:
-    """Fraction of the run left after its last checkpoint (from its metrics records)."""
-    config = json.loads((run_dir / "config.json").read_text())
-    steps = config["train"]["steps"]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if run_dir.exists() else []
-    done = max((json.loads(line).get("step", 0) for line in lines), default=0)
-    return max(0.05, 1.0 - done / steps)
+def _last_step(run_dir: Path) -> int:
+    """The last step a run logged (0 before it logs)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in lines if line.endswith("}")]
+    return max(steps, default=0)
 
 
 def _tensors(state: Any, prefix: str = "") -> dict[str, Any]:
@@ -126,8 +116,8 @@ def _differences(ref: Path, run: Path) -> list[str]:
 
 def stress(preset: str, kills: int, overrides: list[str], root: Path, rng: random.Random) -> dict:
     ref, run = root / f"{preset}-ref", root / f"{preset}-killed"
-    _run(_command(preset, ref, overrides, resume=False, overwrite=False), ref, None)
-    duration = _training_seconds(ref)
+    _run(_command(preset, ref, overrides, resume=False, overwrite=False), ref, None, 0.0)
+    steps = json.loads((ref / "config.json").read_text())["train"]["steps"]
     resumes = restarts = done_kills = 0
     finished = False
     while not finished:
@@ -139,11 +129,11 @@ def stress(preset: str, kills: int, overrides: list[str], root: Path, rng: rando
             resumes += 1
         elif started_before:
             restarts += 1
-        left = _remaining(run) if have_checkpoint else 1.0
-        # A random moment of what is left to train (not too close to its end, so that
-        # every requested kill happens).
-        kill_after = rng.uniform(0.02, 0.9) * left * duration if done_kills < kills else None
-        finished = _run(command, run, kill_after)
+        # A random step of what is left, then a random moment after it (mid-step, evaluating
+        # or writing a checkpoint).
+        start = _last_step(run) if have_checkpoint else 0
+        kill_at = rng.randint(start + 1, max(start + 1, steps - 1)) if done_kills < kills else None
+        finished = _run(command, run, kill_at, rng.uniform(0.0, 0.5))
         done_kills += not finished
     differ = _differences(ref, run)
     return {"preset": preset, "kills": done_kills, "resumes": resumes, "restarts": restarts,
@@ -162,7 +152,7 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="stress-"))
     root.mkdir(parents=True, exist_ok=True)
     env_threads = os.environ.get("OMP_NUM_THREADS")
-    print(f"kills at uniform random moments of the uninterrupted run's duration; "
+    print(f"kills at a random step of what is left, plus 0-0.5 s; "
           f"OMP_NUM_THREADS={env_threads}; directories under {root}")  # fmt: skip
     rows = [stress(p, args.kills, list(args.overrides), root, rng) for p in args.presets]
     print("\n| preset | kills | resumes | restarts | identical |\n|---|---|---|---|---|")
