@@ -250,3 +250,67 @@ def test_counts_are_exact_for_the_expected_sizes() -> None:
         n = t.num_blocks
         assert t.forward_count == count_for_density(n, 0.2)
         assert t.backward_count == count_for_density(n, 0.4)
+
+
+# -- the sparse layer's index structures: compiled merge against the numpy patch ---------------
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_compiled_merge_and_numpy_patch_build_the_same_layers(
+    block_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled one-merge rebuild of a sparse layer's index structures
+    (kernels.topology_update) and the numpy patch give the same slots, values and products."""
+    from alwayssparse import kernels
+
+    if kernels.available_backend() != "cpp":
+        pytest.skip("needs the compiled kernels")
+    calls = []
+    merge = kernels.topology_update
+    monkeypatch.setattr(kernels, "topology_update", lambda *a: calls.append(1) or merge(*a))
+    compiled = run("sparse", steps=40, refresh_interval=1, block_size=block_size)
+    assert calls  # the merge ran
+    monkeypatch.setattr(kernels, "topology_update", lambda *a: None)
+    patched = run("sparse", steps=40, refresh_interval=1, block_size=block_size)
+    assert compiled["changes"] > 10
+    assert compiled["losses"] == patched["losses"]
+    for a, b in zip(compiled["masks"], patched["masks"], strict=True):
+        for name in a:
+            assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
+
+
+def test_topology_update_rejects_bad_units_and_writes_nothing() -> None:
+    from alwayssparse import kernels
+
+    if kernels.available_backend() != "cpp":
+        pytest.skip("needs the compiled kernels")
+    old = torch.tensor([1, 4, 6], dtype=torch.long)
+    order = torch.tensor([0, 1, 2], dtype=torch.long)
+    slot_units = torch.tensor([1, 4, 6, -1], dtype=torch.int32)
+    slot_in_a = torch.tensor([True, False, True, False])
+    bad = {
+        "strictly ascending": torch.tensor([4, 1], dtype=torch.long),
+        "in the grid": torch.tensor([1, 12], dtype=torch.long),
+        "exceed the capacity": torch.tensor([0, 1, 2, 3, 4], dtype=torch.long),
+    }
+    for message, new in bad.items():
+        flags = torch.ones_like(new, dtype=torch.bool)
+        before = slot_units.clone(), slot_in_a.clone()
+        with pytest.raises(RuntimeError, match=message):
+            kernels.topology_update(old, order, new, flags, slot_units, slot_in_a, (3, 4))
+        assert torch.equal(slot_units, before[0]) and torch.equal(slot_in_a, before[1])
+    # A hand-worked change: 4 leaves (slot 1 frees), 0 and 9 enter (slots 1 and 3), 6 leaves A.
+    new = torch.tensor([0, 1, 6, 9], dtype=torch.long)
+    flags = torch.tensor([True, True, False, True])
+    out = kernels.topology_update(old, order, new, flags, slot_units, slot_in_a, (3, 4))
+    order_new, b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots = out[:10]
+    assert order_new.tolist() == [1, 0, 2, 3]
+    assert slot_units.tolist() == [1, 0, 6, 9] and slot_in_a.tolist() == [True, True, False, True]
+    assert b_ptr.tolist() == [0, 2, 3, 4] and b_cols.tolist() == [0, 1, 2, 1]
+    assert a_units.tolist() == [0, 1, 9] and a_slots.tolist() == [1, 0, 3]
+    assert a_ptr.tolist() == [0, 2, 2, 3] and a_cols.tolist() == [0, 1, 1]
+    assert t_ptr.tolist() == [0, 1, 3, 3, 3] and t_rows.tolist() == [0, 0, 2]
+    assert t_slots.tolist() == [1, 0, 3]
+    entered, entered_slots, left, left_slots = out[10:]
+    assert entered.tolist() == [0, 9] and entered_slots.tolist() == [1, 3]
+    assert left.tolist() == [4] and left_slots.tolist() == [1]

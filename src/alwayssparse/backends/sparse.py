@@ -331,13 +331,28 @@ class SparseLinear(CompactLinear):
         pattern_a = _Pattern(t.a_slots, t.a_ptr, t.a_cols, (t.t_ptr, t.t_rows, t.t_slots))
         return pattern_a, _Pattern(t.order, t.b_ptr, t.b_cols)
 
-    def apply_delta(self, delta: UnitDelta, zeroed: Tensor | None) -> tuple[Tensor, Tensor]:
+    def apply_delta(
+        self,
+        delta: UnitDelta,
+        zeroed: Tensor | None,
+        units: Tensor | None = None,
+        in_a: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Move the layer to the topology after ``delta``: units leaving B free their slots
         (their values go to the reservoir, if any, and the slots to zero), units entering B
         take the lowest free slots (values from the reservoir, else zero), A's flags follow,
         theta at ``zeroed`` becomes zero; the index structures are patched. Returns the
-        (entered, left) slots, whose optimizer state must start at zero."""
+        (entered, left) slots, whose optimizer state must start at zero.
+
+        Given B after the change too (``units`` ascending, ``in_a``), the compiled kernels
+        rebuild every index structure in one merge of the old and new units
+        (:func:`alwayssparse.kernels.topology_update`, O(|B|) sequential passes); without them
+        the structures are patched with searches per changed unit (numpy)."""
         topology = self.topology()
+        if units is not None and in_a is not None:
+            merged = self._merge_topology(topology, units, in_a, zeroed)
+            if merged is not None:
+                return merged
         entered, left = delta.entered.cpu().numpy(), delta.left.cpu().numpy()
         entered_a, left_a = delta.entered_a.cpu().numpy(), delta.left_a.cpu().numpy()
         units = self.units.numpy()
@@ -375,6 +390,41 @@ class SparseLinear(CompactLinear):
         _bump_version(self.units)
         self._slot_masks = None
         return slots_t, left_t
+
+    def _merge_topology(
+        self, topology: _Topology, units: Tensor, in_a: Tensor, zeroed: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`apply_delta` through the compiled merge; ``None`` without the extension."""
+        new_units = units.detach().to("cpu", torch.long).contiguous()
+        if new_units.data_ptr() == units.data_ptr():
+            new_units = new_units.clone()  # the topology keeps it: not the caller's tensor
+        result = kernels.topology_update(
+            torch.from_numpy(topology.units), torch.from_numpy(topology.order), new_units,
+            in_a.detach().to("cpu", torch.bool).contiguous(), self.units, self.in_a, self.grid,
+        )  # fmt: skip
+        if result is None:
+            return None
+        entered, entered_slots, left, left_slots = result[10:]
+        tiles = self.tiles().detach()
+        with torch.no_grad():
+            if self.reservoir is not None and left.numel():
+                write_units(self.reservoir, left, self.block, tiles[left_slots])
+            tiles[left_slots] = 0.0  # before entering units may take these slots
+            if self.reservoir is not None and entered.numel():
+                tiles[entered_slots] = gather_units(self.reservoir, entered, self.block)
+            else:
+                tiles[entered_slots] = 0.0
+            topology.replace(new_units.numpy(), result[:10])
+            if zeroed is not None and zeroed.numel():
+                zeroed_np = zeroed.cpu().numpy()
+                tiles[torch.from_numpy(topology.slots_of(zeroed_np, missing_ok=True))] = 0.0
+                if self.reservoir is not None:
+                    write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
+        # The slot buffers were written by the extension: bump what counts and tokens key on.
+        _bump_version(self.units)
+        _bump_version(self.in_a)
+        self._slot_masks = None
+        return entered_slots, left_slots
 
     def product(self, x: Tensor) -> Tensor:
         return _SparseLinearFunction.apply(x, self.values, None, self)
@@ -420,9 +470,10 @@ class _Topology:
     Attributes:
         units, order: B's units in ascending order and their slots (B's CSR order).
         b_ptr, b_cols: B's CSR over block rows (row pointers int64, columns ``cols_dtype``).
-        same: A = B (then the ``a_*`` arrays are the ``b_*`` ones).
+        same: A = B (then the ``a_*`` arrays equal the ``b_*`` ones).
         a_units, a_slots, a_ptr, a_cols: A's units, slots and CSR.
-        t_keys, t_ptr, t_rows, t_slots: A's CSC: keys ``col * grid_rows + row`` ascending,
+        t_keys, t_ptr, t_rows, t_slots: A's CSC: keys ``col * grid_rows + row`` ascending
+            (``None`` after :meth:`replace`, derived when the numpy patch needs them),
             column pointers, rows and slots in that order.
         identity: B's slots are ``0 .. n-1`` in unit order.
     """
@@ -436,7 +487,7 @@ class _Topology:
     a_slots: np.ndarray
     a_ptr: np.ndarray
     a_cols: np.ndarray
-    t_keys: np.ndarray
+    t_keys: np.ndarray | None
     t_ptr: np.ndarray
     t_rows: np.ndarray
     t_slots: np.ndarray
@@ -555,8 +606,9 @@ class _Topology:
             self.a_ptr = self._shift_ptr(a_ptr, entered_a // grid_cols, left_a // grid_cols)
         self.same = same_after
         # A's transpose: remove the keys of left_a, insert those of entered_a.
-        gone_t = np.searchsorted(self.t_keys, self._t_keys(left_a))
-        t_keys, t_slots = np.delete(self.t_keys, gone_t), np.delete(self.t_slots, gone_t)
+        t_keys = self._transpose_keys()
+        gone_t = np.searchsorted(t_keys, self._t_keys(left_a))
+        t_keys, t_slots = np.delete(t_keys, gone_t), np.delete(self.t_slots, gone_t)
         new_keys = self._t_keys(entered_a)
         by_key = np.argsort(new_keys, kind="stable")
         new_keys, new_t_slots = new_keys[by_key], self.slots_of(entered_a)[by_key]
@@ -569,6 +621,33 @@ class _Topology:
         if entered.size or left.size:
             self.identity = False
         self._torch = None
+
+    def replace(self, units: np.ndarray, arrays: Sequence[Tensor]) -> None:
+        """Take the structures built by :func:`alwayssparse.kernels.topology_update` (its first
+        ten results) for B's new ``units`` (ascending)."""
+        order, b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots = arrays
+        self._torch = _TorchTopology(
+            order=order, b_ptr=b_ptr, b_cols=b_cols, a_slots=a_slots, a_ptr=a_ptr, a_cols=a_cols,
+            t_ptr=t_ptr, t_rows=t_rows, t_slots=t_slots,
+        )  # fmt: skip
+        self.units, self.order = units, order.numpy()
+        self.b_ptr, self.b_cols = b_ptr.numpy(), b_cols.numpy()
+        self.a_units, self.a_slots = a_units.numpy(), a_slots.numpy()
+        self.a_ptr, self.a_cols = a_ptr.numpy(), a_cols.numpy()
+        self.t_ptr, self.t_rows, self.t_slots = t_ptr.numpy(), t_rows.numpy(), t_slots.numpy()
+        self.t_keys = None  # derived again if the numpy patch needs it
+        self.same = self.a_units.size == self.units.size
+        n = self.order.size
+        self.identity = bool(n == 0 or (self.order[0] == 0 and self.order[-1] == n - 1
+                                        and np.array_equal(self.order, np.arange(n))))  # fmt: skip
+
+    def _transpose_keys(self) -> np.ndarray:
+        """A's CSC keys ``col * grid_rows + row`` (ascending), derived when not kept."""
+        if self.t_keys is None:
+            counts = np.diff(self.t_ptr)
+            cols = np.repeat(np.arange(self.grid[1], dtype=np.int64), counts)
+            self.t_keys = cols * self.grid[0] + self.t_rows.astype(np.int64)
+        return self.t_keys
 
     @property
     def torch(self) -> _TorchTopology:
@@ -800,7 +879,7 @@ class CompactStorage(UnitStorage):
         layer = self.layer
         if not isinstance(layer, SparseLinear):
             return self.assign(units, in_a, zeroed)
-        entered_slots, left_slots = layer.apply_delta(delta, zeroed)
+        entered_slots, left_slots = layer.apply_delta(delta, zeroed, units, in_a)
         return TopologyChange(
             reset_slots=torch.cat([entered_slots, left_slots]),
             entered_units=delta.entered, left_units=delta.left,

@@ -351,6 +351,20 @@ def sddmm_trusted(ptr, idx, grad_y, x) -> torch.Tensor:
     return ext.csr_sddmm(ptr, idx, grad_y, x, 0)
 
 
+def topology_update(old_units, old_order, new_units, new_in_a, slot_units, slot_in_a, grid):
+    """A sparse layer's index structures after its stored units change, in one merge of the
+    old and the new sorted units (C++ only: ``None`` without the extension; the caller then
+    patches them itself). See ``topology_update`` in ``csrc/sparse_kernels.cpp`` for the
+    arguments and the 14 returned tensors; ``slot_units`` and ``slot_in_a`` are updated in place.
+    """
+    ext = _ext()
+    if ext is None:
+        return None
+    return ext.topology_update(
+        old_units, old_order, new_units, new_in_a, slot_units, slot_in_a, grid[0], grid[1]
+    )
+
+
 def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int, bias=None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for BSR ``W`` with ``blocks`` (nnz, b, b) in block-CSR order."""
     ext = _ext()

@@ -964,6 +964,154 @@ at::Tensor bsr_sddmm(at::Tensor bptr, at::Tensor bidx, at::Tensor gy, at::Tensor
   return G;
 }
 
+// ---------------------------------------------------------------- topology bookkeeping
+
+// The index structures of a layer whose stored set B changes (alwayssparse.backends.sparse,
+// _Topology), in one merge of the old and the new sorted units instead of searches per changed
+// unit: O(|B| + capacity + grid rows + grid columns).
+//
+//   old_units, old_order   B before: units ascending (int64) and the slot of each (int64)
+//   new_units, new_in_a    B after: units ascending (int64), and whether each is in A (bool)
+//   slot_units, slot_in_a  the layer's per-slot buffers (unit or -1, A flag), updated in place:
+//                          units leaving B free their slots, entering units take the lowest free
+//                          slots in unit order, survivors keep theirs
+//
+// Returns {order, b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots,
+// entered_units, entered_slots, left_units, left_slots}: B's slots and CSR over the grid rows,
+// A's units, slots and CSR, A's CSC (rows ascending within a column, with the slot of each),
+// and what entered and left B (units ascending, with their slots). Columns and rows have the
+// dtype of slot_units. Every argument is checked before anything is written.
+template <typename I>
+std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
+                                             const at::Tensor& old_order,
+                                             const at::Tensor& new_units,
+                                             const at::Tensor& new_in_a, at::Tensor& slot_units,
+                                             at::Tensor& slot_in_a, int64_t R, int64_t C) {
+  const int64_t nb = old_units.size(0), nn = new_units.size(0), cap = slot_units.size(0);
+  const int64_t* ou = old_units.data_ptr<int64_t>();
+  const int64_t* oo = old_order.data_ptr<int64_t>();
+  const int64_t* nu = new_units.data_ptr<int64_t>();
+  const bool* na = new_in_a.data_ptr<bool>();
+  I* su = slot_units.data_ptr<I>();
+  bool* sa = slot_in_a.data_ptr<bool>();
+  for (int64_t j = 0; j < nn; ++j) {
+    TORCH_CHECK(nu[j] >= 0 && nu[j] < R * C, "new units must lie in the grid [0, ", R * C, ")");
+    TORCH_CHECK(j == 0 || nu[j] > nu[j - 1], "new units must be strictly ascending");
+  }
+  TORCH_CHECK(nn <= cap, nn, " units in B exceed the capacity ", cap);
+  auto opt = old_units.options();
+  auto iopt = slot_units.options();
+  at::Tensor order = at::empty({nn}, opt);
+  int64_t* od = order.data_ptr<int64_t>();
+  std::vector<int64_t> entered_pos, left_units, left_slots;
+  int64_t i = 0, j = 0;
+  while (i < nb || j < nn) {
+    if (j >= nn || (i < nb && ou[i] < nu[j])) {
+      left_units.push_back(ou[i]);
+      left_slots.push_back(oo[i]);
+      ++i;
+    } else if (i >= nb || nu[j] < ou[i]) {
+      entered_pos.push_back(j);
+      od[j++] = -1;
+    } else {
+      od[j++] = oo[i++];
+    }
+  }
+  for (int64_t s : left_slots) {
+    su[s] = static_cast<I>(-1);
+    sa[s] = false;
+  }
+  const int64_t ne = static_cast<int64_t>(entered_pos.size());
+  at::Tensor entered_units = at::empty({ne}, opt), entered_slots = at::empty({ne}, opt);
+  int64_t* eu = entered_units.data_ptr<int64_t>();
+  int64_t* es = entered_slots.data_ptr<int64_t>();
+  int64_t free_slot = 0;
+  for (int64_t e = 0; e < ne; ++e) {
+    while (free_slot < cap && su[free_slot] >= 0) ++free_slot;
+    TORCH_CHECK(free_slot < cap, "no free slot: the slot buffers disagree with old_units");
+    const int64_t p = entered_pos[e];
+    eu[e] = nu[p];
+    es[e] = free_slot;
+    od[p] = free_slot;
+    su[free_slot] = static_cast<I>(nu[p]);
+    ++free_slot;
+  }
+  int64_t na_count = 0;
+  for (int64_t k = 0; k < nn; ++k) {
+    sa[od[k]] = na[k];
+    na_count += na[k] ? 1 : 0;
+  }
+  at::Tensor b_ptr = at::zeros({R + 1}, opt), b_cols = at::empty({nn}, iopt);
+  at::Tensor a_ptr = at::zeros({R + 1}, opt), t_ptr = at::zeros({C + 1}, opt);
+  at::Tensor a_units = at::empty({na_count}, opt), a_slots = at::empty({na_count}, opt);
+  at::Tensor a_cols = at::empty({na_count}, iopt), t_rows = at::empty({na_count}, iopt);
+  at::Tensor t_slots = at::empty({na_count}, opt);
+  int64_t *bp = b_ptr.data_ptr<int64_t>(), *ap = a_ptr.data_ptr<int64_t>();
+  int64_t *tp = t_ptr.data_ptr<int64_t>(), *au = a_units.data_ptr<int64_t>();
+  int64_t *as = a_slots.data_ptr<int64_t>(), *ts = t_slots.data_ptr<int64_t>();
+  I *bc = b_cols.data_ptr<I>(), *ac = a_cols.data_ptr<I>(), *tr = t_rows.data_ptr<I>();
+  int64_t a = 0;
+  for (int64_t k = 0; k < nn; ++k) {
+    const int64_t row = nu[k] / C, col = nu[k] - row * C;
+    bp[row + 1]++;
+    bc[k] = static_cast<I>(col);
+    if (na[k]) {
+      ap[row + 1]++;
+      tp[col + 1]++;
+      au[a] = nu[k];
+      as[a] = od[k];
+      ac[a] = static_cast<I>(col);
+      ++a;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    bp[r + 1] += bp[r];
+    ap[r + 1] += ap[r];
+  }
+  for (int64_t c = 0; c < C; ++c) tp[c + 1] += tp[c];
+  std::vector<int64_t> fill(tp, tp + C);
+  for (int64_t k = 0; k < na_count; ++k) {  // row-major: rows ascend within each column
+    const int64_t d = fill[ac[k]]++;
+    tr[d] = static_cast<I>(au[k] / C);
+    ts[d] = as[k];
+  }
+  const int64_t nl = static_cast<int64_t>(left_units.size());
+  at::Tensor lu = at::empty({nl}, opt), ls = at::empty({nl}, opt);
+  if (nl) {
+    std::memcpy(lu.data_ptr<int64_t>(), left_units.data(), nl * sizeof(int64_t));
+    std::memcpy(ls.data_ptr<int64_t>(), left_slots.data(), nl * sizeof(int64_t));
+  }
+  return {order, b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots,
+          entered_units, entered_slots, lu, ls};
+}
+
+std::vector<at::Tensor> topology_update(at::Tensor old_units, at::Tensor old_order,
+                                        at::Tensor new_units, at::Tensor new_in_a,
+                                        at::Tensor slot_units, at::Tensor slot_in_a, int64_t R,
+                                        int64_t C) {
+  for (const at::Tensor* t : {&old_units, &old_order, &new_units}) {
+    TORCH_CHECK(t->dtype() == at::kLong && t->dim() == 1 && t->is_contiguous() &&
+                    t->device().is_cpu(),
+                "units and slots must be contiguous int64 vectors on the CPU");
+  }
+  TORCH_CHECK(old_order.size(0) == old_units.size(0), "old_order must match old_units");
+  TORCH_CHECK(new_in_a.dtype() == at::kBool && new_in_a.is_contiguous() &&
+                  new_in_a.size(0) == new_units.size(0),
+              "new_in_a must be a contiguous bool vector of the size of new_units");
+  TORCH_CHECK(slot_units.dtype() == at::kInt || slot_units.dtype() == at::kLong,
+              "slot_units must be int32 or int64");
+  TORCH_CHECK(slot_units.is_contiguous() && slot_in_a.is_contiguous() &&
+                  slot_in_a.dtype() == at::kBool && slot_in_a.size(0) == slot_units.size(0),
+              "slot buffers must be contiguous, slot_in_a bool of the size of slot_units");
+  TORCH_CHECK(R > 0 && C > 0, "the grid must not be empty");
+  if (slot_units.dtype() == at::kInt) {
+    return topology_update_impl<int32_t>(old_units, old_order, new_units, new_in_a, slot_units,
+                                         slot_in_a, R, C);
+  }
+  return topology_update_impl<int64_t>(old_units, old_order, new_units, new_in_a, slot_units,
+                                       slot_in_a, R, C);
+}
+
 int64_t num_threads() { return at::get_num_threads(); }
 
 }  // namespace
@@ -978,5 +1126,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ptr"), py::arg("idx"), py::arg("blocks_t"), py::arg("x"),
         py::arg("out_features"), py::arg("bias") = py::none());
   m.def("bsr_sddmm", &bsr_sddmm, "sampled block gradient");
+  m.def("topology_update", &topology_update,
+        "a sparse layer's index structures after its stored units change (one merge)");
   m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
 }
