@@ -208,3 +208,28 @@ def test_env_var_selects_torch(monkeypatch):
     monkeypatch.setenv("ALWAYSSPARSE_KERNELS", "bogus")
     with pytest.raises(ValueError):
         _build.mode()
+
+
+def test_any_nonzero_outside_matches_torch() -> None:
+    """The masked backend's check that no gradient reached theta outside B: compiled and torch
+    answers agree, including a single nonzero in the last partial chunk."""
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 4095, 4096, 10_000):
+        mask = torch.rand(n, generator=generator) < 0.3
+        values = torch.where(mask, torch.randn(n, generator=generator), 0.0)
+        assert not K.any_nonzero_outside(values, mask)
+        outside = torch.nonzero(~mask).squeeze(1)
+        if outside.numel():
+            values[outside[-1]] = 1e-30  # tiny but nonzero, at the last place outside
+            assert K.any_nonzero_outside(values, mask)
+            values[outside[-1]] = -0.0  # negative zero is zero
+            assert not K.any_nonzero_outside(values, mask)
+    grid = torch.zeros(3, 5)
+    grid[2, 4] = 1.0
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    assert K.any_nonzero_outside(grid, mask)
+    assert K.any_nonzero_outside(grid.double(), mask)  # not float32: through torch
+    mask[2, 4] = True
+    assert not K.any_nonzero_outside(grid, mask)
+    with pytest.raises(ValueError, match="differ"):
+        K.any_nonzero_outside(grid, mask.t())

@@ -87,6 +87,72 @@ def test_ranked_reservoir_matches_brute_force_over_long_random_runs() -> None:
     assert incremental > 600
 
 
+def test_compiled_selection_equals_the_numpy_one_over_long_random_runs() -> None:
+    """RankedReservoir.select_compiled (kernels.topkast_select) decides exactly when select
+    does, selects the same B and A, reports the same crossings and leaves the same frontier."""
+    from alwayssparse import kernels
+
+    if kernels.available_backend() != "cpp":
+        pytest.skip("needs the compiled kernels")
+    rng = np.random.default_rng(1)
+    compared = 0
+    for _ in range(10):
+        n = int(rng.integers(30, 1500))
+        count_b = int(rng.integers(1, n))
+        count_a = int(rng.integers(1, count_b + 1))
+        levels = int(rng.integers(2, 40))
+        scores = (rng.integers(0, levels, n) / levels).astype(np.float32)
+        positions = np.arange(n) * 3 + 5  # not 0 .. n-1: positions are what keys encode
+        keys = rank_keys(torch.from_numpy(scores), positions)
+        assert keys is not None
+        in_b = np.isin(keys, list(_top(keys, count_b)))
+        in_a = np.isin(keys, list(_top(keys, count_a)))
+        size = int(rng.integers(1, n - count_b + 1))
+        reference = RankedReservoir.build(keys[~in_b], size)
+        compiled = RankedReservoir.build(keys[~in_b], size)
+        for _ in range(80):
+            where = np.flatnonzero(in_b)
+            moved = scores[where] + rng.normal(0, 0.05, where.size).astype(np.float32)
+            scores[where] = np.maximum(0, np.round(moved * levels) / levels)
+            keys = rank_keys(torch.from_numpy(scores), positions)
+            assert keys is not None
+            if rng.random() < 0.05:
+                count_b = int(rng.integers(1, n))
+                count_a = int(rng.integers(1, count_b + 1))
+            selection = reference.select(keys[where], in_a[where], count_b, count_a)
+            refresh = compiled.select_compiled(
+                torch.from_numpy(scores[where]), torch.from_numpy(positions[where]),
+                torch.from_numpy(in_a[where]), count_b, count_a,
+            )  # fmt: skip
+            assert (selection is None) == (refresh is None)
+            if selection is None or refresh is None:
+                in_b = np.isin(keys, list(_top(keys, count_b)))
+                in_a = np.isin(keys, list(_top(keys, count_a)))
+                reference = RankedReservoir.build(keys[~in_b], size)
+                compiled = RankedReservoir.build(keys[~in_b], size)
+                continue
+            compared += 1
+            assert np.array_equal(compiled.frontier, reference.frontier)
+            new_b = np.isin(keys, list(_top(keys, count_b)))
+            new_a = np.isin(keys, list(_top(keys, count_a)))
+            assert np.array_equal(refresh.units, positions[new_b])
+            assert np.array_equal(refresh.in_a, new_a[new_b])
+            assert np.array_equal(refresh.entered, positions[new_b & ~in_b])
+            assert np.array_equal(refresh.left, positions[in_b & ~new_b])
+            assert np.array_equal(refresh.entered_a, positions[new_a & ~in_a])
+            assert np.array_equal(refresh.left_a, positions[in_a & ~new_a])
+            in_b, in_a = new_b, new_a
+    assert compared > 500
+    # Scores without keys: the caller ranks in full.
+    ranking = RankedReservoir.build(np.zeros(0, dtype=np.int64), 0)
+    one = torch.ones(1, dtype=torch.bool)
+    for bad in (float("nan"), -1.0):
+        assert ranking.select_compiled(torch.tensor([bad]), torch.zeros(1, dtype=torch.long),
+                                       one, 1, 1) is None  # fmt: skip
+    with pytest.raises(RuntimeError, match="strictly ascending"):
+        ranking.select_compiled(torch.ones(2), torch.tensor([3, 1]), one.repeat(2), 1, 1)
+
+
 # -- through Sparsity, both backends --------------------------------------------------------------
 
 
@@ -184,8 +250,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("backend", "options"), CASES)
-def test_incremental_refresh_is_the_exact_top_k(backend: str, options: dict[str, Any]) -> None:
+NUMPY_CASES = [CASES[0], CASES[3], CASES[5]]
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "compiled"),
+    [(*case, True) for case in CASES] + [(*case, False) for case in NUMPY_CASES],
+)
+def test_incremental_refresh_is_the_exact_top_k(
+    backend: str, options: dict[str, Any], compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the compiled selection (where the kernels are built) and through numpy."""
+    import alwayssparse.methods.topkast as topkast_module
+
+    if compiled and not topkast_module.compiled_selection():
+        pytest.skip("needs the compiled kernels")
+    if not compiled:
+        monkeypatch.setattr(topkast_module, "compiled_selection", lambda: False)
     result = run(backend, steps=150, **options)
     method = result["method"]
     assert result["changes"] > 20  # the topology really moved

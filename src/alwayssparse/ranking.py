@@ -100,6 +100,24 @@ class Selection:
     entering_in_a: np.ndarray
 
 
+@dataclass
+class Refresh:
+    """One incremental selection as positions (ascending int64 arrays).
+
+    Attributes:
+        units, in_a: B after the selection, and whether each of its units is in A.
+        entered, left: Units that enter and leave B.
+        entered_a, left_a: Units that enter and leave A.
+    """
+
+    units: np.ndarray
+    in_a: np.ndarray
+    entered: np.ndarray
+    left: np.ndarray
+    entered_a: np.ndarray
+    left_a: np.ndarray
+
+
 class RankedReservoir:
     """The ranked top of the reservoir C of one selection group (see the module docstring).
 
@@ -170,6 +188,30 @@ class RankedReservoir:
         self._update_frontier(taken, dropped)
         keep_in_a, entering_in_a = _select_a(keys[keep], in_a[keep], entering, count_a)
         return Selection(keep, entering, keep_in_a, entering_in_a)
+
+    def select_compiled(
+        self, scores: Tensor, positions: Tensor, in_a: Tensor, count_b: int, count_a: int
+    ) -> Refresh | None:
+        """:meth:`select`, with the keys of :func:`rank_keys` and the units that cross a
+        boundary, in one call to the compiled kernels (a few sequential passes over B).
+
+        ``scores`` (float32), ``positions`` (int64, strictly ascending) and ``in_a`` describe
+        the current B. ``None`` (frontier unchanged) when the known part of C does not decide
+        the selection or a score cannot be keyed (negative, NaN). Raises ``NotImplementedError``
+        without the compiled kernels (use :meth:`select`).
+        """
+        from alwayssparse import kernels  # the kernels import torch's extension machinery
+
+        result = kernels.topkast_select(
+            scores, positions, in_a, torch.from_numpy(self._ascending), self.floor, count_b,
+            count_a,
+        )  # fmt: skip
+        if result is None:
+            raise NotImplementedError("the compiled kernels are not available")
+        if int(result[0]) != 0:
+            return None
+        self._ascending = result[1].numpy()
+        return Refresh(*(r.numpy() for r in result[2:]))
 
     def _update_frontier(self, taken: int, dropped: np.ndarray) -> None:
         """Remove the ``taken`` best units (they entered B); add ``dropped`` (descending: they

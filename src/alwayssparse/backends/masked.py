@@ -19,11 +19,12 @@ The backend keeps a copy of theta outside B (``frozen_values``) and, after every
   (any weight decay; and always for SGD without momentum, whose gradients leave no trace);
 - zeroes the optimizer state outside B when the step can create state there (L2 weight decay);
 - both, when the optimizer's first-moment state shows that a gradient reached theta outside B
-  anyway (a loss on the raw parameter, an edited ``.grad``): a count of its nonzeros over the
-  whole tensor against the count over B (:func:`alwayssparse.optim_state.gradient_witness`).
+  anyway (a loss on the raw parameter, an edited ``.grad``): one pass over it and B's mask that
+  stops at the first nonzero outside B (:func:`alwayssparse.kernels.any_nonzero_outside`,
+  :func:`alwayssparse.optim_state.gradient_witness`).
 
-With AdamW that is one in-place ``where`` and one count per step; with Adam or SGD with momentum
-and no weight decay, one count. A mask update touches only the units that changed: the masks, the
+With AdamW that is one in-place ``where`` and one check per step; with Adam or SGD with momentum
+and no weight decay, one check. A mask update touches only the units that changed: the masks, the
 copy (units leaving B join it) and the optimizer state (units entering or leaving B start at
 zero; outside B it is zero already). This works on any device but saves no time or memory.
 
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from alwayssparse import kernels
 from alwayssparse.backends.base import (
     Backend,
     TensorSpec,
@@ -194,9 +196,7 @@ class _MaskedStorage(DenseStorage):
             return True
         if witness.numel() == 0:
             return False
-        units = self.units()[0]
-        inside = gather_units(witness.detach(), units, self.tensor.block)
-        return int(torch.count_nonzero(witness)) != int(torch.count_nonzero(inside))
+        return kernels.any_nonzero_outside(witness.detach(), self.grad_mask)
 
     def reservoir_token(self) -> object:
         """Theta outside B is written back after every optimizer step (``before_update``), so

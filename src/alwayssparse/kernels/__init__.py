@@ -365,6 +365,27 @@ def topology_update(old_units, old_order, new_units, new_in_a, slot_units, slot_
     )
 
 
+def any_nonzero_outside(values: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``values`` is nonzero anywhere ``mask`` (bool, the same shape) is false: one
+    pass that stops early (compiled, float32 on the CPU), else through torch."""
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
+    ext = _ext() if values.device.type == "cpu" and values.dtype == torch.float32 else None
+    if ext is None:
+        return bool(torch.any(torch.where(mask, 0, values) != 0))
+    return bool(ext.any_nonzero_outside(values.contiguous(), mask.contiguous()))
+
+
+def topkast_select(scores, positions, in_a, frontier, floor: int, count_b: int, count_a: int):
+    """Top-KAST's incremental selection of B and A (see :mod:`alwayssparse.ranking`) in one
+    compiled call; ``None`` without the extension (the caller then selects with numpy). See
+    ``topkast_select`` in ``csrc/sparse_kernels.cpp`` for the arguments and results."""
+    ext = _ext()
+    if ext is None:
+        return None
+    return ext.topkast_select(scores, positions, in_a, frontier, floor, count_b, count_a)
+
+
 def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int, bias=None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for BSR ``W`` with ``blocks`` (nnz, b, b) in block-CSR order."""
     ext = _ext()

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alwayssparse import kernels
 from alwayssparse.masks import global_topk_masks, scores_extending, topk_mask, write_units
 from alwayssparse.methods.base import Method, register
 from alwayssparse.ranking import (
@@ -241,6 +242,8 @@ class TopKAST(Method):
         """B and A from B's current scores and the ranked reservoir: O(|B|) plus the units that
         cross a boundary. ``None`` when the ranking cannot decide exactly (nothing assigned)."""
         offsets = _offsets(group)
+        if compiled_selection():
+            return self._refresh_compiled(group, ranking, explore, offsets)
         keys, flags, devices = [], [], []
         for t, offset in zip(group, offsets, strict=False):
             b_units, b_in_a = t.storage.units()
@@ -288,6 +291,64 @@ class TopKAST(Method):
             current = self._coefficients_current(t)
             change = t.storage.assign_delta(
                 _tensor(units, devices[i]), torch.from_numpy(in_a).to(devices[i]), delta
+            )
+            if current:
+                self._patch_coefficients(t, change)
+            changes[t.name] = change
+        return changes
+
+    def _refresh_compiled(
+        self, group: list[SparseTensor], ranking: RankedReservoir, explore: bool,
+        offsets: list[int],
+    ) -> dict[str, TopologyChange] | None:
+        """:meth:`_refresh_incremental` through the compiled selection
+        (:meth:`RankedReservoir.select_compiled`): the same sets, in a few passes over B."""
+        scores, positions, flags, devices = [], [], [], []
+        for t, offset in zip(group, offsets, strict=False):
+            b_units, b_in_a = t.storage.units()
+            unit_scores = t.storage.unit_scores().detach()
+            if unit_scores.dtype not in KEYED_DTYPES:
+                return None
+            scores.append(unit_scores.reshape(-1).to("cpu", torch.float32))
+            positions.append(b_units.to("cpu", torch.long) + offset)
+            flags.append(b_in_a.to("cpu", torch.bool))
+            devices.append(b_units.device)
+        count_b, count_a = self._counts(group, explore)
+        one = len(group) == 1
+        refresh = ranking.select_compiled(
+            scores[0].contiguous() if one else torch.cat(scores),
+            positions[0].contiguous() if one else torch.cat(positions),
+            flags[0].contiguous() if one else torch.cat(flags),
+            count_b, count_a,
+        )  # fmt: skip
+        if refresh is None:
+            return None
+        changes = {}
+        for i, t in enumerate(group):
+            lo, hi = offsets[i], offsets[i + 1]
+
+            def part(values: np.ndarray, lo: int = lo, hi: int = hi) -> np.ndarray:
+                if one:
+                    return values
+                start, stop = np.searchsorted(values, [lo, hi])
+                return values[start:stop] - lo
+
+            units = part(refresh.units)
+            if one:
+                in_a = refresh.in_a
+            else:
+                start, stop = np.searchsorted(refresh.units, [lo, hi])
+                in_a = refresh.in_a[start:stop]
+            device = devices[i]
+            delta = UnitDelta(
+                entered=_tensor(part(refresh.entered), device),
+                left=_tensor(part(refresh.left), device),
+                entered_a=_tensor(part(refresh.entered_a), device),
+                left_a=_tensor(part(refresh.left_a), device),
+            )
+            current = self._coefficients_current(t)
+            change = t.storage.assign_delta(
+                _tensor(units, device), torch.from_numpy(in_a).to(device), delta
             )
             if current:
                 self._patch_coefficients(t, change)
@@ -386,6 +447,13 @@ class TopKAST(Method):
             in_a = self._select(gathered, forward_counts)
         del scores, backward
         return {t.name: self._assign(t, u, a) for t, u, a in zip(tensors, units, in_a, strict=True)}
+
+
+def compiled_selection() -> bool:
+    """Whether incremental refreshes select through the compiled kernels
+    (:meth:`RankedReservoir.select_compiled`); else through numpy (:meth:`RankedReservoir.select`),
+    with the same result."""
+    return kernels.available_backend() == "cpp"
 
 
 def _tensor(values: np.ndarray, device: torch.device) -> Tensor:

@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1050,19 +1052,22 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
   int64_t *tp = t_ptr.data_ptr<int64_t>(), *au = a_units.data_ptr<int64_t>();
   int64_t *as = a_slots.data_ptr<int64_t>(), *ts = t_slots.data_ptr<int64_t>();
   I *bc = b_cols.data_ptr<I>(), *ac = a_cols.data_ptr<I>(), *tr = t_rows.data_ptr<I>();
-  int64_t a = 0;
+  // Branch-free compaction of A (its flags are random): every unit is written at the next
+  // place, which only a unit of A then claims.
+  int64_t a = 0, row = 0;
   for (int64_t k = 0; k < nn; ++k) {
-    const int64_t row = nu[k] / C, col = nu[k] - row * C;
+    while (nu[k] >= (row + 1) * C) ++row;  // units ascend: no division per unit
+    const int64_t col = nu[k] - row * C, in = na[k];
     bp[row + 1]++;
     bc[k] = static_cast<I>(col);
-    if (na[k]) {
-      ap[row + 1]++;
-      tp[col + 1]++;
+    ap[row + 1] += in;
+    tp[col + 1] += in;
+    if (a < na_count) {
       au[a] = nu[k];
       as[a] = od[k];
       ac[a] = static_cast<I>(col);
-      ++a;
     }
+    a += in;
   }
   for (int64_t r = 0; r < R; ++r) {
     bp[r + 1] += bp[r];
@@ -1070,10 +1075,12 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
   }
   for (int64_t c = 0; c < C; ++c) tp[c + 1] += tp[c];
   std::vector<int64_t> fill(tp, tp + C);
-  for (int64_t k = 0; k < na_count; ++k) {  // row-major: rows ascend within each column
-    const int64_t d = fill[ac[k]]++;
-    tr[d] = static_cast<I>(au[k] / C);
-    ts[d] = as[k];
+  for (int64_t r = 0; r < R; ++r) {  // row-major: rows ascend within each column
+    for (int64_t k = ap[r]; k < ap[r + 1]; ++k) {
+      const int64_t d = fill[ac[k]]++;
+      tr[d] = static_cast<I>(r);
+      ts[d] = as[k];
+    }
   }
   const int64_t nl = static_cast<int64_t>(left_units.size());
   at::Tensor lu = at::empty({nl}, opt), ls = at::empty({nl}, opt);
@@ -1112,6 +1119,234 @@ std::vector<at::Tensor> topology_update(at::Tensor old_units, at::Tensor old_ord
                                        slot_in_a, R, C);
 }
 
+// ---------------------------------------------------------------- Top-KAST's incremental refresh
+
+// One incremental selection of Top-KAST (alwayssparse.ranking, RankedReservoir.select with
+// rank_keys and the per-unit bookkeeping of the refresh) in a few sequential passes.
+//
+// A unit's key is its float32 score's bits (scores >= 0 order like their bits) above the
+// bit-inverted position, so that a larger key means a larger score, or the same score and the
+// lower position. The new B is the top count_b of (B's units) and (the reservoir C, whose best
+// units are the ascending frontier; every other unit of C ranks below floor, -1: none), the new
+// A the top count_a of the new B.
+//
+//   scores, positions, in_a   B's units: scores (float32), positions (int64, strictly
+//                             ascending), A's flags
+//   frontier                  C's best keys, ascending
+//
+// Returns {status} with status 1 when the known part of C does not decide the selection (a unit
+// below the floor might enter) and 2 when a score is negative or NaN (no key), else {status 0,
+// new frontier (ascending), B's units after, their A flags, entered, left, entered A, left A}
+// (positions ascending).
+inline int64_t key_position(int64_t key) {
+  constexpr int64_t mask = (int64_t{1} << 32) - 1;
+  return mask - (key & mask);
+}
+
+int64_t kth_largest(std::vector<int64_t>& v, int64_t k) {  // 1 <= k <= v.size()
+  std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<int64_t>());
+  return v[k - 1];
+}
+
+std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, at::Tensor in_a,
+                                       at::Tensor frontier, int64_t floor, int64_t count_b,
+                                       int64_t count_a) {
+  TORCH_CHECK(scores.dtype() == at::kFloat && scores.dim() == 1 && scores.is_contiguous(),
+              "scores must be a contiguous float32 vector");
+  const int64_t n = scores.size(0);
+  TORCH_CHECK(positions.dtype() == at::kLong && positions.is_contiguous() &&
+                  positions.dim() == 1 && positions.size(0) == n,
+              "positions must be a contiguous int64 vector of the size of scores");
+  TORCH_CHECK(in_a.dtype() == at::kBool && in_a.is_contiguous() && in_a.dim() == 1 &&
+                  in_a.size(0) == n,
+              "in_a must be a contiguous bool vector of the size of scores");
+  TORCH_CHECK(frontier.dtype() == at::kLong && frontier.is_contiguous() && frontier.dim() == 1,
+              "frontier must be a contiguous int64 vector");
+  TORCH_CHECK(count_a >= 0 && count_b >= count_a, "need 0 <= count_a <= count_b");
+  auto opt = positions.options();
+  auto status = [&](int64_t code) { return std::vector<at::Tensor>{at::full({}, code, opt)}; };
+  const float* sc = scores.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const bool* ia = in_a.data_ptr<bool>();
+  const int64_t* fr = frontier.data_ptr<int64_t>();
+  const int64_t F = frontier.size(0);
+  std::vector<int64_t> keys(n);
+  bool keyed = true, ascending = true;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: the checks are folded into two flags
+    const float v = sc[i] + 0.0f;    // -0.0 + 0.0 is +0.0
+    keyed &= v >= 0.0f;              // false for negative scores and NaN
+    ascending &= (i == 0 || pos[i] > pos[i - 1]);
+    int32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    keys[i] = (static_cast<int64_t>(bits) << 32) | ((int64_t{1} << 32) - 1 - pos[i]);
+  }
+  TORCH_CHECK(ascending, "positions must be strictly ascending");
+  TORCH_CHECK(n == 0 || (pos[0] >= 0 && pos[n - 1] < (int64_t{1} << 32)),
+              "positions must lie in [0, 2^32)");
+  if (!keyed) return status(2);
+  const int64_t tau = F ? fr[F - 1] : floor;
+  int64_t q = 0;
+  for (int64_t i = 0; i < n; ++i) q += keys[i] > tau;
+  // B: every unit with a key >= tb (a C unit: among the frontier's best `taken`).
+  int64_t tb = INT64_MAX, taken = 0;
+  std::vector<int64_t> pool;
+  if (q >= count_b) {
+    if (count_b > 0) {
+      for (int64_t i = 0; i < n; ++i)
+        if (keys[i] > tau) pool.push_back(keys[i]);
+      tb = kth_largest(pool, count_b);
+    }
+  } else {
+    const int64_t places = count_b - q, known = std::min(places, F);
+    for (int64_t i = 0; i < n; ++i)
+      if (keys[i] <= tau) pool.push_back(keys[i]);
+    for (int64_t f = 0; f < known; ++f) pool.push_back(fr[F - 1 - f]);
+    if (static_cast<int64_t>(pool.size()) < places) return status(1);
+    tb = kth_largest(pool, places);
+    if (floor >= 0 && tb <= floor) return status(1);  // a unit below the floor might outrank it
+    while (taken < known && fr[F - 1 - taken] >= tb) ++taken;
+  }
+  // A: the top count_a of the new B = (kept units) + (entering: fr[F - taken .. F)).
+  int64_t ta = INT64_MIN;
+  int64_t kept = 0, best_outsider = -1;
+  for (int64_t i = 0; i < n; ++i) {  // arithmetic, not branches: A's flags are random
+    const int64_t in_b = keys[i] >= tb, outsider = in_b & !ia[i];
+    kept += in_b;
+    best_outsider = std::max(best_outsider, keys[i] | (outsider - 1));  // -1 unless outsider
+  }
+  for (int64_t f = 0; f < taken; ++f) best_outsider = std::max(best_outsider, fr[F - 1 - f]);
+  if (count_a < kept + taken) {
+    if (count_a == 0) {
+      ta = INT64_MAX;
+    } else {
+      // Old A's units above every outsider stay; the rest (R, few) compete with the outsiders.
+      int64_t p = 0;
+      size_t r = 0;
+      std::vector<int64_t> rest(n + taken + 1);
+      for (int64_t i = 0; i < n; ++i) {  // arithmetic: written at the next place, kept if in R
+        const int64_t a_kept = ia[i] & (keys[i] >= tb), above = keys[i] > best_outsider;
+        p += a_kept & above;
+        rest[r] = keys[i];
+        r += a_kept & !above;
+      }
+      rest.resize(r);
+      if (p >= count_a) {
+        std::vector<int64_t> stays;
+        stays.reserve(p);
+        for (int64_t i = 0; i < n; ++i)
+          if (ia[i] && keys[i] >= tb && keys[i] > best_outsider) stays.push_back(keys[i]);
+        ta = kth_largest(stays, count_a);
+      } else {
+        const int64_t places = count_a - p;
+        int64_t bound = -1;  // only outsiders at least the places-th best of R can win
+        if (static_cast<int64_t>(rest.size()) >= places) {
+          std::vector<int64_t> copy(rest);
+          bound = kth_largest(copy, places);
+        }
+        size_t m = rest.size();
+        rest.resize(m + n + taken);
+        for (int64_t i = 0; i < n; ++i) {  // branch-free: A's flags are random
+          rest[m] = keys[i];
+          m += (keys[i] >= tb) & !ia[i] & (keys[i] >= bound);
+        }
+        for (int64_t f = 0; f < taken; ++f) {
+          rest[m] = fr[F - 1 - f];
+          m += fr[F - 1 - f] >= bound;
+        }
+        rest.resize(m);
+        ta = kth_largest(rest, places);
+      }
+    }
+  }
+  // The frontier loses the entering units and gains the leaving ones above the floor.
+  std::vector<int64_t> dropped;
+  for (int64_t i = 0; i < n; ++i)
+    if (keys[i] < tb && (floor < 0 || keys[i] > floor)) dropped.push_back(keys[i]);
+  std::sort(dropped.begin(), dropped.end());
+  const int64_t remaining = F - taken, nd = static_cast<int64_t>(dropped.size());
+  at::Tensor new_frontier = at::empty({remaining + nd}, opt);
+  std::merge(fr, fr + remaining, dropped.begin(), dropped.end(),
+             new_frontier.data_ptr<int64_t>());
+  // Entering units in position order, with their A flags.
+  std::vector<int64_t> entering(taken);
+  for (int64_t f = 0; f < taken; ++f) entering[f] = key_position(fr[F - 1 - f]);
+  std::vector<int64_t> entering_key(taken);
+  {
+    std::vector<int64_t> idx(taken);
+    for (int64_t f = 0; f < taken; ++f) idx[f] = f;
+    std::sort(idx.begin(), idx.end(),
+              [&](int64_t a, int64_t b) { return entering[a] < entering[b]; });
+    std::vector<int64_t> sorted_pos(taken);
+    for (int64_t f = 0; f < taken; ++f) {
+      sorted_pos[f] = entering[idx[f]];
+      entering_key[f] = fr[F - 1 - idx[f]];
+    }
+    entering.swap(sorted_pos);
+  }
+  const int64_t nb = kept + taken;
+  // One spare place: every unit of B is written at the next place, which only a kept unit
+  // then claims (branch-free); the rare events (leaving B, entering or leaving A) branch.
+  at::Tensor units = at::empty({nb + 1}, opt), flags = at::empty({nb + 1}, in_a.options());
+  at::Tensor entered = at::empty({taken}, opt);
+  int64_t* u = units.data_ptr<int64_t>();
+  bool* fl = flags.data_ptr<bool>();
+  std::vector<int64_t> left, entered_a, left_a;
+  int64_t e = 0, k = 0;
+  auto take_entering = [&]() {
+    const bool a_after = entering_key[e] >= ta;
+    u[k] = entering[e];
+    fl[k++] = a_after;
+    if (a_after) entered_a.push_back(entering[e]);
+    ++e;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = pos[i];
+    while (e < taken && entering[e] < p) take_entering();
+    const bool stays_b = keys[i] >= tb, a_after = stays_b & (keys[i] >= ta);
+    u[k] = p;
+    fl[k] = a_after;
+    k += stays_b;
+    if (!stays_b | (ia[i] != a_after)) {
+      if (!stays_b) left.push_back(p);
+      if (ia[i] && !a_after) left_a.push_back(p);
+      if (!ia[i] && a_after) entered_a.push_back(p);
+    }
+  }
+  while (e < taken) take_entering();
+  units = units.narrow(0, 0, nb);
+  flags = flags.narrow(0, 0, nb);
+  if (taken) std::memcpy(entered.data_ptr<int64_t>(), entering.data(), taken * sizeof(int64_t));
+  auto vec = [&](const std::vector<int64_t>& v) {
+    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opt);
+    if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+    return t;
+  };
+  return {at::full({}, int64_t{0}, opt), new_frontier, units, flags, entered, vec(left),
+          vec(entered_a), vec(left_a)};
+}
+
+// Whether values (float32) is nonzero anywhere mask (bool, same size) is false: one pass with an
+// exit at the first 4096-entry chunk that has such an entry (the masked backend's check that no
+// gradient reached theta outside B).
+bool any_nonzero_outside(at::Tensor values, at::Tensor mask) {
+  TORCH_CHECK(values.dtype() == at::kFloat && values.is_contiguous() && values.device().is_cpu(),
+              "values must be a contiguous float32 tensor on the CPU");
+  TORCH_CHECK(mask.dtype() == at::kBool && mask.is_contiguous() &&
+                  mask.numel() == values.numel(),
+              "mask must be a contiguous bool tensor of the size of values");
+  const float* v = values.data_ptr<float>();
+  const bool* m = mask.data_ptr<bool>();
+  const int64_t n = values.numel();
+  constexpr int64_t chunk = 4096;
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t stop = std::min(n, start + chunk);
+    int hit = 0;
+    for (int64_t i = start; i < stop; ++i) hit |= (v[i] != 0.0f) & !m[i];
+    if (hit) return true;
+  }
+  return false;
+}
+
 int64_t num_threads() { return at::get_num_threads(); }
 
 }  // namespace
@@ -1128,5 +1363,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsr_sddmm", &bsr_sddmm, "sampled block gradient");
   m.def("topology_update", &topology_update,
         "a sparse layer's index structures after its stored units change (one merge)");
+  m.def("topkast_select", &topkast_select,
+        "Top-KAST's incremental selection of B and A from B's scores and the ranked reservoir");
+  m.def("any_nonzero_outside", &any_nonzero_outside,
+        "whether float32 values are nonzero anywhere a bool mask is false");
   m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
 }
