@@ -1,7 +1,8 @@
 """Whole-model training step of every method on both backends, against dense (issue 14).
 
 A byte-level TransformerLM (default: 4 layers, d_model 512, d_ff 2048, 8 heads, context 256,
-batch 8, random bytes, ``lm_loss``) at density 0.1, AdamW (lr 1e-3, weight decay 0.01), the
+batch 8, random bytes, ``lm_loss``) at density 0.1, AdamW (lr 1e-3, weight decay 0.01; torch's
+loop, or with ``--optimizer adamw-fused`` its fused kernel, what ``alwayssparse train`` uses), the
 loop ``loss + sparsity.regularizer()``, ``backward``, ``optimizer.step``,
 ``zero_grad(set_to_none=True)``, ``sparsity.step``. Rows: ``static``; ``topkast`` (0.9, 0.8)
 refreshing every step and every 100 steps; ``set`` and ``rigl`` with their default schedules
@@ -87,6 +88,7 @@ class Trainer:
         spec: MethodSpec | None,
         density: float,
         run_steps: int,
+        fused: bool = False,
     ) -> None:
         torch.manual_seed(0)  # the same initial weights and batch for every model
         self.model = TransformerLM(config)
@@ -103,7 +105,9 @@ class Trainer:
             method = self.sparsity.method
             self.updates = [s for s in range(run_steps) if method.updates_at(s)]
             self.every_step = len(self.updates) == run_steps
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-3, weight_decay=0.01, fused=fused
+        )
 
     def step(self, number: int) -> None:
         loss = lm_loss(self.model(self.inputs), self.targets)
@@ -187,28 +191,34 @@ def main() -> None:
     parser.add_argument("--run-steps", type=int, default=1000, help="run length for schedules")
     parser.add_argument("--backends", nargs="+", default=["masked", "sparse"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--optimizer", choices=["adamw", "adamw-fused"], default="adamw",
+        help="torch's AdamW loop (default) or its fused kernel (what `alwayssparse train` uses)",
+    )  # fmt: skip
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
     rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
 
+    fused = args.optimizer == "adamw-fused"
     start = time.perf_counter()
     tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(
         f"LM {config.n_layer}L d{config.d_model} ff{config.d_ff} ctx{config.context} "
-        f"batch {args.batch}, density {args.density}, AdamW, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}, density {args.density}, {args.optimizer}, "
+        f"threads {torch.get_num_threads()}, "
         f"kernels {kernels.available_backend()}, torch {torch.__version__}, {rounds} rounds, "
         f"malloc: {' '.join(f'{k}={v}' for k, v in sorted(tuned.items())) or 'glibc defaults'}",
         flush=True,
     )
     trainers: dict[tuple[str, str], Trainer] = {
-        ("dense", "dense"): Trainer(config, args.batch, "dense", None, 1.0, args.run_steps)
+        ("dense", "dense"): Trainer(config, args.batch, "dense", None, 1.0, args.run_steps, fused)
     }
     for backend in args.backends:
         for key in args.methods:
             spec = METHODS[key]
             trainers[(spec.label, backend)] = Trainer(
-                config, args.batch, backend, spec, args.density, args.run_steps
+                config, args.batch, backend, spec, args.density, args.run_steps, fused
             )
     samples = {key: Samples() for key in trainers}
     for trainer in trainers.values():  # warm-up: one step of each kind

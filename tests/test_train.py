@@ -322,3 +322,29 @@ def test_enwik8_xl_preset_trains_on_an_enwik8_file(tmp_path: Path) -> None:
     assert summary["task"] == "xl" and summary["steps"] == 2 and summary["valid_bpc"] > 0
     config = load_run_config(run)
     assert (config.xl.data.name, config.xl.data.paths) == ("enwik8", [str(enwik8)])
+
+
+def test_adam_is_fused_where_torch_has_the_kernel() -> None:
+    """optim.fused (default): torch's fused Adam/AdamW on CPU float parameters, the plain loop
+    when turned off or when the parameters cannot take it; both step alike."""
+    from alwayssparse.optim import build_optimizer, fused_supported
+    from alwayssparse.runconfig import OptimConfig
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], OptimConfig(weight_decay=0.1))
+    plain = build_optimizer(models[1], OptimConfig(weight_decay=0.1, fused=False))
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain), strict=True):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not fused_supported([])
+    assert not fused_supported([torch.zeros(2, dtype=torch.long)])
+    sgd = build_optimizer(models[0], OptimConfig(name="sgd"))
+    assert not sgd.defaults.get("fused")

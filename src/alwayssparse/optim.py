@@ -29,7 +29,25 @@ def build_optimizer(
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)
     cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    options = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps}
+    if config.fused and fused_supported(params):
+        return cls(groups, fused=True, **options)
+    return cls(groups, **options)
+
+
+def fused_supported(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam/AdamW kernel takes these parameters: floating point, all on
+    the CPU (torch >= 2.4) or all on one CUDA device, none sparse."""
+    if not params:
+        return False
+    devices = {p.device.type for p in params}
+    if len(devices) != 1 or not devices <= {"cpu", "cuda"}:
+        return False
+    floating = all(p.is_floating_point() and not p.is_sparse for p in params)
+    if devices == {"cpu"}:
+        major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+        return floating and (major, minor) >= (2, 4)
+    return floating
 
 
 def base_learning_rate(config: RunConfig) -> float:

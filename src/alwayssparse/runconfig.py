@@ -47,6 +47,11 @@ class OptimConfig:
         grad_clip: Clip the global gradient norm to this (0 disables).
         sparsity_lr_scaling: Multiply ``lr`` by exp(1.969 s^2 + 0.2905 s) for sparsity s, the
             BERT paper's rule for the learning rate of sparse models (dynsparse-bert.md eq. 3).
+        fused: Adam/AdamW through torch's fused kernel (one pass per tensor) where torch has
+            one for the parameters' device and dtype, else the plain loop. On CPU it is about
+            twice as fast, and the plain loop's ``sqrt`` is several times slower on zeros, which
+            fill the optimizer state outside B of a masked model
+            (``benchmarks/whole_model.py --optimizer``).
     """
 
     name: str = "adamw"
@@ -63,6 +68,7 @@ class OptimConfig:
     drop_factor: float = 0.1
     grad_clip: float = 1.0
     sparsity_lr_scaling: bool = False
+    fused: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field if the configuration is invalid."""

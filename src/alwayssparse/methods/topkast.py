@@ -298,7 +298,10 @@ class TopKAST(Method):
         return changes
 
     def _refresh_compiled(
-        self, group: list[SparseTensor], ranking: RankedReservoir, explore: bool,
+        self,
+        group: list[SparseTensor],
+        ranking: RankedReservoir,
+        explore: bool,
         offsets: list[int],
     ) -> dict[str, TopologyChange] | None:
         """:meth:`_refresh_incremental` through the compiled selection
