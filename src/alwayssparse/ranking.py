@@ -133,6 +133,7 @@ class RankedReservoir:
         # Kept ascending (the best last): units enter B from the end, and leaving ones are
         # inserted with one search, without reversed copies.
         self._ascending = np.ascontiguousarray(frontier[::-1])
+        self._buffer: np.ndarray | None = None  # room for in-place updates (select_compiled)
         self.floor = floor
         self.size = size
         self.tokens: list[object] | None = None
@@ -202,16 +203,23 @@ class RankedReservoir:
         """
         from alwayssparse import kernels  # the kernels import torch's extension machinery
 
+        length = self._ascending.size
+        buffer = self._buffer
+        if buffer is None or buffer.ctypes.data != self._ascending.ctypes.data:
+            # A buffer with room: the kernel merges the units leaving B in place.
+            self._buffer = np.empty(length + length // 4 + 1024, dtype=np.int64)
+            self._buffer[:length] = self._ascending
         result = kernels.topkast_select(
-            scores, positions, in_a, torch.from_numpy(self._ascending), self.floor, count_b,
-            count_a,
+            scores, positions, in_a, torch.from_numpy(self._buffer), length, self.floor,
+            count_b, count_a,
         )  # fmt: skip
         if result is None:
             raise NotImplementedError("the compiled kernels are not available")
         if int(result[0]) != 0:
             return None
-        self._ascending = result[1].numpy()
-        return Refresh(*(r.numpy() for r in result[2:]))
+        self._buffer = result[1].numpy()
+        self._ascending = self._buffer[: int(result[8])]
+        return Refresh(*(r.numpy() for r in result[2:8]))
 
     def _update_frontier(self, taken: int, dropped: np.ndarray) -> None:
         """Remove the ``taken`` best units (they entered B); add ``dropped`` (descending: they

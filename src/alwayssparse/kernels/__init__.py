@@ -376,14 +376,17 @@ def any_nonzero_outside(values: torch.Tensor, mask: torch.Tensor) -> bool:
     return bool(ext.any_nonzero_outside(values.contiguous(), mask.contiguous()))
 
 
-def topkast_select(scores, positions, in_a, frontier, floor: int, count_b: int, count_a: int):
+def topkast_select(
+    scores, positions, in_a, frontier, length: int, floor: int, count_b: int, count_a: int
+):
     """Top-KAST's incremental selection of B and A (see :mod:`alwayssparse.ranking`) in one
-    compiled call; ``None`` without the extension (the caller then selects with numpy). See
-    ``topkast_select`` in ``csrc/sparse_kernels.cpp`` for the arguments and results."""
+    compiled call; ``None`` without the extension (the caller then selects with numpy). The
+    frontier is the first ``length`` keys of the buffer ``frontier``, updated in place when it
+    has room. See ``topkast_select`` in ``csrc/sparse_kernels.cpp`` for the results."""
     ext = _ext()
     if ext is None:
         return None
-    return ext.topkast_select(scores, positions, in_a, frontier, floor, count_b, count_a)
+    return ext.topkast_select(scores, positions, in_a, frontier, length, floor, count_b, count_a)
 
 
 def bsr_spmm_trusted(ptr, idx, blocks, x, rows: int, bias=None) -> torch.Tensor:

@@ -1132,12 +1132,13 @@ std::vector<at::Tensor> topology_update(at::Tensor old_units, at::Tensor old_ord
 //
 //   scores, positions, in_a   B's units: scores (float32), positions (int64, strictly
 //                             ascending), A's flags
-//   frontier                  C's best keys, ascending
+//   frontier, frontier_length C's best keys, ascending: the first frontier_length of a buffer
 //
 // Returns {status} with status 1 when the known part of C does not decide the selection (a unit
-// below the floor might enter) and 2 when a score is negative or NaN (no key), else {status 0,
-// new frontier (ascending), B's units after, their A flags, entered, left, entered A, left A}
-// (positions ascending).
+// below the floor might enter) and 2 when a score is negative or NaN (no key), nothing written;
+// else {status 0, the frontier's buffer (the same one, updated in place, when it holds the new
+// frontier), B's units after, their A flags, entered, left, entered A, left A (positions
+// ascending), the new frontier's length}.
 inline int64_t key_position(int64_t key) {
   constexpr int64_t mask = (int64_t{1} << 32) - 1;
   return mask - (key & mask);
@@ -1149,8 +1150,8 @@ int64_t kth_largest(std::vector<int64_t>& v, int64_t k) {  // 1 <= k <= v.size()
 }
 
 std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, at::Tensor in_a,
-                                       at::Tensor frontier, int64_t floor, int64_t count_b,
-                                       int64_t count_a) {
+                                       at::Tensor frontier, int64_t frontier_length,
+                                       int64_t floor, int64_t count_b, int64_t count_a) {
   TORCH_CHECK(scores.dtype() == at::kFloat && scores.dim() == 1 && scores.is_contiguous(),
               "scores must be a contiguous float32 vector");
   const int64_t n = scores.size(0);
@@ -1162,15 +1163,18 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
               "in_a must be a contiguous bool vector of the size of scores");
   TORCH_CHECK(frontier.dtype() == at::kLong && frontier.is_contiguous() && frontier.dim() == 1,
               "frontier must be a contiguous int64 vector");
+  TORCH_CHECK(frontier_length >= 0 && frontier_length <= frontier.size(0),
+              "frontier_length must lie in [0, frontier.size(0)]");
   TORCH_CHECK(count_a >= 0 && count_b >= count_a, "need 0 <= count_a <= count_b");
   auto opt = positions.options();
   auto status = [&](int64_t code) { return std::vector<at::Tensor>{at::full({}, code, opt)}; };
   const float* sc = scores.data_ptr<float>();
   const int64_t* pos = positions.data_ptr<int64_t>();
   const bool* ia = in_a.data_ptr<bool>();
-  const int64_t* fr = frontier.data_ptr<int64_t>();
-  const int64_t F = frontier.size(0);
-  std::vector<int64_t> keys(n);
+  int64_t* fr = frontier.data_ptr<int64_t>();
+  const int64_t F = frontier_length;
+  static thread_local std::vector<int64_t> keys;  // scratch kept between calls: no page faults
+  keys.resize(n);
   bool keyed = true, ascending = true;
   for (int64_t i = 0; i < n; ++i) {  // branch-free: the checks are folded into two flags
     const float v = sc[i] + 0.0f;    // -0.0 + 0.0 is +0.0
@@ -1258,15 +1262,6 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
       }
     }
   }
-  // The frontier loses the entering units and gains the leaving ones above the floor.
-  std::vector<int64_t> dropped;
-  for (int64_t i = 0; i < n; ++i)
-    if (keys[i] < tb && (floor < 0 || keys[i] > floor)) dropped.push_back(keys[i]);
-  std::sort(dropped.begin(), dropped.end());
-  const int64_t remaining = F - taken, nd = static_cast<int64_t>(dropped.size());
-  at::Tensor new_frontier = at::empty({remaining + nd}, opt);
-  std::merge(fr, fr + remaining, dropped.begin(), dropped.end(),
-             new_frontier.data_ptr<int64_t>());
   // Entering units in position order, with their A flags.
   std::vector<int64_t> entering(taken);
   for (int64_t f = 0; f < taken; ++f) entering[f] = key_position(fr[F - 1 - f]);
@@ -1282,6 +1277,29 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
       entering_key[f] = fr[F - 1 - idx[f]];
     }
     entering.swap(sorted_pos);
+  }
+  // The frontier loses the entering units (its last `taken`) and gains the leaving ones above
+  // the floor: merged from the back, in place when the buffer holds the result (the leaving
+  // units ranked high, so little of the frontier moves), else into a new buffer with room.
+  std::vector<int64_t> dropped;
+  for (int64_t i = 0; i < n; ++i)
+    if (keys[i] < tb && (floor < 0 || keys[i] > floor)) dropped.push_back(keys[i]);
+  std::sort(dropped.begin(), dropped.end());
+  const int64_t remaining = F - taken, nd = static_cast<int64_t>(dropped.size());
+  const int64_t length = remaining + nd;
+  at::Tensor new_frontier = frontier;
+  if (length > frontier.size(0)) {
+    new_frontier = at::empty({length + length / 4 + 1024}, opt);
+    std::memcpy(new_frontier.data_ptr<int64_t>(), fr, remaining * sizeof(int64_t));
+  }
+  int64_t* out = new_frontier.data_ptr<int64_t>();
+  for (int64_t w = length, unread = remaining, b = nd - 1; b >= 0; --b) {
+    // The frontier's keys above dropped[b] move up in one block, then dropped[b] goes below.
+    const int64_t above = std::upper_bound(out, out + unread, dropped[b]) - out;
+    w -= unread - above;
+    std::memmove(out + w, out + above, (unread - above) * sizeof(int64_t));
+    unread = above;
+    out[--w] = dropped[b];
   }
   const int64_t nb = kept + taken;
   // One spare place: every unit of B is written at the next place, which only a kept unit
@@ -1322,7 +1340,7 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
     return t;
   };
   return {at::full({}, int64_t{0}, opt), new_frontier, units, flags, entered, vec(left),
-          vec(entered_a), vec(left_a)};
+          vec(entered_a), vec(left_a), at::full({}, length, opt)};
 }
 
 // Whether values (float32) is nonzero anywhere mask (bool, same size) is false: one pass with an
