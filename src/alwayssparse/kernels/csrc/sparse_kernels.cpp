@@ -1202,9 +1202,14 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
     }
   } else {
     const int64_t places = count_b - q, known = std::min(places, F);
-    for (int64_t i = 0; i < n; ++i)
-      if (keys[i] <= tau) pool.push_back(keys[i]);
-    for (int64_t f = 0; f < known; ++f) pool.push_back(fr[F - 1 - f]);
+    pool.resize(n + known + 1);
+    size_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {  // branch-free compaction: written, kept if <= tau
+      pool[m] = keys[i];
+      m += keys[i] <= tau;
+    }
+    for (int64_t f = 0; f < known; ++f) pool[m++] = fr[F - 1 - f];
+    pool.resize(m);
     if (static_cast<int64_t>(pool.size()) < places) return status(1);
     tb = kth_largest(pool, places);
     if (floor >= 0 && tb <= floor) return status(1);  // a unit below the floor might outrank it
@@ -1263,20 +1268,15 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
     }
   }
   // Entering units in position order, with their A flags.
-  std::vector<int64_t> entering(taken);
-  for (int64_t f = 0; f < taken; ++f) entering[f] = key_position(fr[F - 1 - f]);
-  std::vector<int64_t> entering_key(taken);
-  {
-    std::vector<int64_t> idx(taken);
-    for (int64_t f = 0; f < taken; ++f) idx[f] = f;
-    std::sort(idx.begin(), idx.end(),
-              [&](int64_t a, int64_t b) { return entering[a] < entering[b]; });
-    std::vector<int64_t> sorted_pos(taken);
-    for (int64_t f = 0; f < taken; ++f) {
-      sorted_pos[f] = entering[idx[f]];
-      entering_key[f] = fr[F - 1 - idx[f]];
-    }
-    entering.swap(sorted_pos);
+  std::vector<std::pair<int64_t, int64_t>> by_position(taken);  // (position, key)
+  for (int64_t f = 0; f < taken; ++f) {
+    by_position[f] = {key_position(fr[F - 1 - f]), fr[F - 1 - f]};
+  }
+  std::sort(by_position.begin(), by_position.end());
+  std::vector<int64_t> entering(taken), entering_key(taken);
+  for (int64_t f = 0; f < taken; ++f) {
+    entering[f] = by_position[f].first;
+    entering_key[f] = by_position[f].second;
   }
   // The frontier loses the entering units (its last `taken`) and gains the leaving ones above
   // the floor: merged from the back, in place when the buffer holds the result (the leaving
@@ -1294,8 +1294,20 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   }
   int64_t* out = new_frontier.data_ptr<int64_t>();
   for (int64_t w = length, unread = remaining, b = nd - 1; b >= 0; --b) {
-    // The frontier's keys above dropped[b] move up in one block, then dropped[b] goes below.
-    const int64_t above = std::upper_bound(out, out + unread, dropped[b]) - out;
+    // The frontier's keys above dropped[b] move up in one block, then dropped[b] goes below;
+    // the block's start is found by galloping down from the unread end (the gaps are short).
+    int64_t lo = unread, step = 1;
+    while (lo > 0 && out[lo - 1] > dropped[b]) {
+      const int64_t next = std::max<int64_t>(0, lo - step);
+      if (out[next] > dropped[b]) {
+        lo = next;
+        step *= 2;
+      } else {
+        lo = std::upper_bound(out + next, out + lo, dropped[b]) - out;
+        break;
+      }
+    }
+    const int64_t above = lo;
     w -= unread - above;
     std::memmove(out + w, out + above, (unread - above) * sizeof(int64_t));
     unread = above;
