@@ -29,10 +29,9 @@ def build_optimizer(
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)
     cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
-    options = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps}
-    if config.fused and fused_supported(params):
-        return cls(groups, fused=True, **options)
-    return cls(groups, **options)
+    fused = True if config.fused and fused_supported(params) else None  # None: torch's loop
+    betas = (config.beta1, config.beta2)
+    return cls(groups, lr=config.lr, betas=betas, eps=config.eps, fused=fused)
 
 
 def fused_supported(params: Sequence[torch.Tensor]) -> bool:

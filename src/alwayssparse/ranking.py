@@ -25,7 +25,11 @@ Ranks are compared as one int64 *key* per unit (:func:`rank_keys`): the float32 
 ``key_a > key_b`` exactly when a has the larger score, or the same score and the lower position:
 the order of :func:`alwayssparse.masks.topk_mask` and
 :func:`alwayssparse.masks.global_topk_masks`. The keys are distinct, so every selection is a
-plain integer comparison, partition or sort (numpy, on the host).
+plain integer comparison, partition or sort, on the host: in numpy (:meth:`RankedReservoir.select`)
+or, with the same result, in one call to the compiled kernels that also builds the keys and the
+lists of units crossing a boundary (:meth:`RankedReservoir.select_compiled`,
+:func:`alwayssparse.kernels.topkast_select`: a few branch-free passes over B, and the frontier
+updated in place).
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ know it (Top-KAST's incremental refresh, prune/regrow, GMP). Given the change,
 :class:`SparseLinear` touches only the changed units: leaving units free their slots (their values
 go to the reservoir, if any), entering ones take the lowest free slots (theta from the reservoir,
 or zero without one) with zero optimizer state, survivors keep slot, value and state, and B's
-CSR, A's CSR and A's CSC transpose are patched (O(|B|) memory moves, no sort, no rebuild).
+CSR, A's CSR and A's CSC transpose follow without a sort: built in one merge of the old and the
+new sorted units by the compiled kernels (:func:`alwayssparse.kernels.topology_update`, a few
+sequential passes over B), or patched with numpy searches, deletes and inserts without them.
 Without it :class:`CompactStorage` rebuilds the slots in unit order, carrying each surviving
 unit's value and optimizer state to its new slot. Updates allocate O(capacity) memory, nothing of
 the weight's size; only a Top-KAST refresh that cannot be decided from its ranked reservoir (the
@@ -355,7 +357,7 @@ class SparseLinear(CompactLinear):
                 return merged
         entered, left = delta.entered.cpu().numpy(), delta.left.cpu().numpy()
         entered_a, left_a = delta.entered_a.cpu().numpy(), delta.left_a.cpu().numpy()
-        units = self.units.numpy()
+        slot_units = self.units.numpy()
         left_slots = topology.slots_of(left)
         tiles = self.tiles().detach()
         left_t, entered_t = torch.from_numpy(left_slots), torch.from_numpy(entered)
@@ -363,8 +365,8 @@ class SparseLinear(CompactLinear):
             if self.reservoir is not None and left.size:
                 write_units(self.reservoir, delta.left.cpu(), self.block, tiles[left_t])
             tiles[left_t] = 0.0
-            units[left_slots] = -1
-            free = np.flatnonzero(units < 0)
+            slot_units[left_slots] = -1
+            free = np.flatnonzero(slot_units < 0)
             if free.size < entered.size:
                 raise RuntimeError(
                     f"{entered.size} units enter B but only {free.size} slots are free "
@@ -376,7 +378,7 @@ class SparseLinear(CompactLinear):
                 tiles[slots_t] = gather_units(self.reservoir, entered_t, self.block)
             else:
                 tiles[slots_t] = 0.0
-            units[entered_slots] = entered
+            slot_units[entered_slots] = entered
             self.in_a[left_t] = False
             topology.patch(entered, left, entered_slots, left_slots, entered_a, left_a)
             self.in_a[torch.from_numpy(topology.slots_of(left_a, missing_ok=True))] = False

@@ -11,7 +11,11 @@ weight gradient (SDDMM)      ``gv[k] = (grad_y^T @ x)[row(k), col(k)]`` :func:`c
 ===========================  ===========================================================
 
 (and the ``bsr_*`` counterparts).  No function ever materialises a dense weight or weight
-gradient.  Row pointers are int64; column indices may be int32 (half the index memory) or
+gradient.  The extension also holds the host-side bookkeeping of mask updates, each with a
+numpy or torch path in its caller: :func:`topkast_select` (Top-KAST's incremental selection),
+:func:`topology_update` (a sparse layer's index structures after B changes) and
+:func:`any_nonzero_outside` (the masked backend's check of the optimizer state outside B).
+Row pointers are int64; column indices may be int32 (half the index memory) or
 int64, and a pattern's transpose keeps the dtype of its column indices.  Results do not depend
 on the backend beyond float32 rounding (~1e-6 relative).
 
@@ -29,6 +33,7 @@ from alwayssparse.kernels import _build
 from alwayssparse.kernels import _torch_ref as _ref
 
 __all__ = [
+    "any_nonzero_outside",
     "available_backend",
     "bsr_matmul",
     "bsr_matmul_t",
@@ -42,6 +47,8 @@ __all__ = [
     "csr_transpose",
     "dense_to_bsr",
     "dense_to_csr",
+    "topkast_select",
+    "topology_update",
 ]
 
 BLOCK_SIZES = (4, 8, 16)

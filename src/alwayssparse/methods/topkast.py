@@ -27,7 +27,9 @@ outside B never changes between refreshes, so the reservoir's best units are kep
 ``selection="global"``) and the new B and A are selected from B's current scores (the stored
 units' block norms, ``UnitStorage.unit_scores``) merged with that ranking: O(|B|) plus the units
 that cross a boundary, with the same result and tie rule as the exact top-k over the grid (score,
-then lower index; per tensor, or over the concatenation). The storage is told what changed
+then lower index; per tensor, or over the concatenation); with the compiled kernels the whole
+selection is one call (:meth:`RankedReservoir.select_compiled`), else numpy
+(:func:`compiled_selection` tells which). The storage is told what changed
 (``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
 (``UnitStorage.grid_scores``; on the sparse backend the reservoir with the stored values written
 in, paper section 2.4) only when that ranking is missing or stale (the first refresh; after a
