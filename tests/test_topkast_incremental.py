@@ -395,3 +395,31 @@ def test_topology_update_rejects_bad_units_and_writes_nothing() -> None:
     entered, entered_slots, left, left_slots = out[10:]
     assert entered.tolist() == [0, 9] and entered_slots.tolist() == [1, 3]
     assert left.tolist() == [4] and left_slots.tolist() == [1]
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_refresh_on_several_threads_equals_one_thread(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups are refreshed concurrently (one thread per core): the same masks and losses."""
+    import alwayssparse.methods.topkast as topkast_module
+
+    if not topkast_module.compiled_selection():
+        pytest.skip("needs the compiled kernels")
+    workers = []
+    chosen = topkast_module._refresh_workers
+    monkeypatch.setattr(
+        topkast_module,
+        "_refresh_workers",
+        lambda groups: workers.append(1) or max(3, chosen(groups)),
+    )
+    threaded = run(backend, steps=30, refresh_interval=1)
+    assert workers
+    monkeypatch.setattr(topkast_module, "_refresh_workers", lambda groups: 1)
+    single = run(backend, steps=30, refresh_interval=1)
+    assert threaded["losses"] == single["losses"]
+    for a, b in zip(threaded["masks"], single["masks"], strict=True):
+        for name in a:
+            assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
+    counts = threaded["method"].refresh_counts
+    assert counts == single["method"].refresh_counts and counts["incremental"] > 0

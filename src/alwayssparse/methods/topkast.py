@@ -44,6 +44,7 @@ ranked reservoir (one int64 key per unit, up to |B| of them); a full ranking add
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,33 +206,42 @@ class TopKAST(Method):
             self.refresh_counts["full"] += 1
             return self._refresh_full(tensors, generator, explore)
         groups = [list(tensors)] if self.selection == "global" else [[t] for t in tensors]
+        workers = _refresh_workers(groups)
+        if workers > 1:
+            # Groups are independent and the compiled selection and topology merge release the
+            # GIL: refresh them on the cores the training step uses (idle between steps).
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = list(pool.map(lambda g: self._refresh_group(g, explore), groups))
+        else:
+            done = [self._refresh_group(group, explore) for group in groups]
         changes: dict[str, TopologyChange] = {}
-        for group in groups:
-            changes.update(self._refresh_group(group, generator, explore))
+        for group_changes, kind in done:
+            changes.update(group_changes)
+            self.refresh_counts[kind] += 1
         return changes
 
     def _refresh_group(
-        self, group: list[SparseTensor], generator: torch.Generator, explore: bool
-    ) -> dict[str, TopologyChange]:
+        self, group: list[SparseTensor], explore: bool
+    ) -> tuple[dict[str, TopologyChange], str]:
         """One selection group (a tensor, or all with global selection): incrementally from
-        its ranked reservoir when that is still valid and decides exactly, else in full."""
+        its ranked reservoir when that is still valid and decides exactly, else in full.
+        Returns the changes and how (``"incremental"`` or ``"full"``); touches only this
+        group's tensors and ranking (groups may be refreshed concurrently)."""
         key = tuple(t.name for t in group)
         ranking = self._rankings.pop(key, None)
         tokens = [t.storage.reservoir_token() for t in group]
         if ranking is not None and None not in tokens and ranking.tokens == tokens:
             changes = self._refresh_incremental(group, ranking, explore)
             if changes is not None:
-                self.refresh_counts["incremental"] += 1
                 ranking.tokens = [t.storage.reservoir_token() for t in group]
                 self._rankings[key] = ranking
-                return changes
+                return changes, "incremental"
         changes, ranking = self._refresh_full_group(group, explore)
-        self.refresh_counts["full"] += 1
         if ranking is not None:
             ranking.tokens = [t.storage.reservoir_token() for t in group]
             if None not in ranking.tokens:
                 self._rankings[key] = ranking
-        return changes
+        return changes, "full"
 
     def _counts(self, group: list[SparseTensor], explore: bool) -> tuple[int, int]:
         count_a = sum(t.forward_count for t in group)
@@ -452,6 +462,16 @@ class TopKAST(Method):
             in_a = self._select(gathered, forward_counts)
         del scores, backward
         return {t.name: self._assign(t, u, a) for t, u, a in zip(tensors, units, in_a, strict=True)}
+
+
+def _refresh_workers(groups: list[list[SparseTensor]]) -> int:
+    """Threads for a refresh: one per core torch uses (at most one per group) when the
+    selection is compiled and every tensor lives on the CPU (host-side work only), else 1."""
+    if len(groups) < 2 or not compiled_selection():
+        return 1
+    if any(t.storage.weight.device.type != "cpu" for g in groups for t in g):
+        return 1
+    return min(len(groups), torch.get_num_threads())
 
 
 def compiled_selection() -> bool:

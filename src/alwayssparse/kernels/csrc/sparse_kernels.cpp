@@ -978,6 +978,7 @@ at::Tensor bsr_sddmm(at::Tensor bptr, at::Tensor bidx, at::Tensor gy, at::Tensor
 //                          units leaving B free their slots, entering units take the lowest free
 //                          slots in unit order, survivors keep theirs
 //
+// Runs without the GIL (Top-KAST refreshes layers on several threads).
 // Returns {order, b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots,
 // entered_units, entered_slots, left_units, left_slots}: B's slots and CSR over the grid rows,
 // A's units, slots and CSR, A's CSC (rows ascending within a column, with the slot of each),
@@ -1391,11 +1392,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ptr"), py::arg("idx"), py::arg("blocks_t"), py::arg("x"),
         py::arg("out_features"), py::arg("bias") = py::none());
   m.def("bsr_sddmm", &bsr_sddmm, "sampled block gradient");
-  m.def("topology_update", &topology_update,
+  m.def("topology_update", &topology_update, py::call_guard<py::gil_scoped_release>(),
         "a sparse layer's index structures after its stored units change (one merge)");
-  m.def("topkast_select", &topkast_select,
+  m.def("topkast_select", &topkast_select, py::call_guard<py::gil_scoped_release>(),
         "Top-KAST's incremental selection of B and A from B's scores and the ranked reservoir");
   m.def("any_nonzero_outside", &any_nonzero_outside,
+        py::call_guard<py::gil_scoped_release>(),
         "whether float32 values are nonzero anywhere a bool mask is false");
   m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
 }
