@@ -35,6 +35,7 @@ Run (about 5 minutes on 2 idle cores):
     python3 benchmarks/whole_model.py
     python3 benchmarks/whole_model.py --quick          # 2 layers, d_model 256, 2 rounds
     python3 benchmarks/whole_model.py --backends sparse --methods static topkast-1
+    python3 benchmarks/whole_model.py --block-size 16         # 16x16 blocks
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Trainer:
         density: float,
         run_steps: int,
         fused: bool = False,
+        block: int = 1,
     ) -> None:
         torch.manual_seed(0)  # the same initial weights and batch for every model
         self.model = TransformerLM(config)
@@ -100,7 +102,7 @@ class Trainer:
         if spec is not None:
             self.sparsity = Sparsity(
                 self.model, method=spec.method, density=density, backend=backend,
-                total_steps=run_steps, **spec.options,
+                total_steps=run_steps, block_size=block, **spec.options,
             )  # fmt: skip
             method = self.sparsity.method
             self.updates = [s for s in range(run_steps) if method.updates_at(s)]
@@ -192,6 +194,9 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["masked", "sparse"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
+        "--block-size", type=int, default=1, help="unit edge: 1 (unstructured), 4, 8 or 16"
+    )
+    parser.add_argument(
         "--optimizer", choices=["adamw", "adamw-fused"], default="adamw",
         help="torch's AdamW loop (default) or its fused kernel (what `alwayssparse train` uses)",
     )  # fmt: skip
@@ -205,7 +210,7 @@ def main() -> None:
     tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(
         f"LM {config.n_layer}L d{config.d_model} ff{config.d_ff} ctx{config.context} "
-        f"batch {args.batch}, density {args.density}, {args.optimizer}, "
+        f"batch {args.batch}, density {args.density}, block {args.block_size}, {args.optimizer}, "
         f"threads {torch.get_num_threads()}, "
         f"kernels {kernels.available_backend()}, torch {torch.__version__}, {rounds} rounds, "
         f"malloc: {' '.join(f'{k}={v}' for k, v in sorted(tuned.items())) or 'glibc defaults'}",
@@ -218,8 +223,9 @@ def main() -> None:
         for key in args.methods:
             spec = METHODS[key]
             trainers[(spec.label, backend)] = Trainer(
-                config, args.batch, backend, spec, args.density, args.run_steps, fused
-            )
+                config, args.batch, backend, spec, args.density, args.run_steps, fused,
+                args.block_size,
+            )  # fmt: skip
     samples = {key: Samples() for key in trainers}
     for trainer in trainers.values():  # warm-up: one step of each kind
         run_round(trainer, Samples(), 0)

@@ -30,8 +30,8 @@ that cross a boundary, with the same result and tie rule as the exact top-k over
 then lower index; per tensor, or over the concatenation); with the compiled kernels the whole
 selection is one call (:meth:`RankedReservoir.select_compiled`), else numpy
 (:func:`compiled_selection` tells which), and the selection groups of a refresh run on one thread
-per core torch uses (they are independent, and the compiled calls release the GIL). The storage is told what changed
-(``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
+per core torch uses (they are independent, and the compiled calls release the GIL). The storage is
+told what changed (``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
 (``UnitStorage.grid_scores``; on the sparse backend the reservoir with the stored values written
 in, paper section 2.4) only when that ranking is missing or stale (the first refresh; after a
 checkpoint load or any assign not made here, which change the storage's ``reservoir_token``; a
