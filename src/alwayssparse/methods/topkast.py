@@ -24,23 +24,22 @@ magnitude; ``exploration_stop_step`` = t makes B = A from step t on (no more upd
 A refresh costs what changed, not the dense size (DESIGN.md, "A step costs what changed"): theta
 outside B never changes between refreshes, so the reservoir's best units are kept ranked
 (:class:`alwayssparse.ranking.RankedReservoir`, per selection group: a tensor, or all of them with
-``selection="global"``) and the new B and A are selected from B's current scores (the stored
-units' block norms, ``UnitStorage.unit_scores``) merged with that ranking: O(|B|) plus the units
-that cross a boundary, with the same result and tie rule as the exact top-k over the grid (score,
-then lower index; per tensor, or over the concatenation); with the compiled kernels the whole
-selection is one call (:meth:`RankedReservoir.select_compiled`), else numpy
-(:func:`compiled_selection` tells which), and the selection groups of a refresh run on one thread
-per core torch uses (they are independent, and the compiled calls release the GIL). The storage is
-told what changed (``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
+``selection="global"``) and the new B and A are selected from B's current scores (the stored units'
+block norms, ``UnitStorage.unit_scores``) merged with that ranking: O(|B|) plus the units that
+cross a boundary, with the same result and tie rule as the exact top-k over the grid (score, then
+lower index; per tensor, or over the concatenation); with the compiled kernels the whole selection
+is one call (:meth:`RankedReservoir.select_compiled`), else numpy (:func:`compiled_selection` tells
+which), and the selection groups of a refresh run on one thread per core torch uses (they are
+independent, and the compiled calls release the GIL). The storage is told what changed
+(``UnitStorage.assign_delta``), so it touches only those units. The whole grid is ranked
 (``UnitStorage.grid_scores``; on the sparse backend the reservoir with the stored values written
 in, paper section 2.4) only when that ranking is missing or stale (the first refresh; after a
 checkpoint load or any assign not made here, which change the storage's ``reservoir_token``; a
-storage without a token) or cannot decide (the units that would enter lie beyond the ranked part
-of the reservoir), and always with ``random_exploration`` (B\\A is drawn afresh each refresh, so
-nothing carries over). Allocated per group and refresh: O(|B|) index and key arrays, and the
-ranked reservoir (one int64 key per unit, up to |B| of them); a full ranking adds the grid scores
-(one float per unit), numpy's partition copy and the selection masks (one bool per unit each).
-"""
+storage without a token) or cannot decide (the units that would enter lie beyond the ranked part of
+the reservoir), and always with ``random_exploration`` (B\\A is drawn afresh each refresh, so
+nothing carries over). Allocated per group and refresh: O(|B|) index and key arrays, and the ranked
+reservoir (one int64 key per unit, up to |B| of them); a full ranking adds the grid scores (one
+float per unit), numpy's partition copy and the selection masks (one bool per unit each). """
 
 from __future__ import annotations
 
