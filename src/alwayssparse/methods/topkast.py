@@ -39,7 +39,8 @@ storage without a token) or cannot decide (the units that would enter lie beyond
 the reservoir), and always with ``random_exploration`` (B\\A is drawn afresh each refresh, so
 nothing carries over). Allocated per group and refresh: O(|B|) index and key arrays, and the ranked
 reservoir (one int64 key per unit, up to |B| of them); a full ranking adds the grid scores (one
-float per unit), numpy's partition copy and the selection masks (one bool per unit each). """
+float per unit), numpy's partition copy and the selection masks (one bool per unit each).
+"""
 
 from __future__ import annotations
 
