@@ -28,6 +28,9 @@ each kind summarised by its median over the rounds ("median") and, as readings t
 machine disturbs less, by its minimum ("best": other processes only ever add time) and by the
 median of the process's CPU time (all threads; "cpu": waiting for a core is not counted).
 Top-KAST refreshing every step has every step an update; static and dense only plain steps.
+The last column also gives the median share of B's units that enter B at an update (read outside
+the timed steps): these are early steps of a randomly initialised model, whose masks move far
+more than a trained model's.
 "x" is dense ms / this ms (higher is faster), the two readings each against dense's own.
 
 Run (about 5 minutes on 2 idle cores):
@@ -47,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from alwayssparse import Sparsity, kernels
@@ -121,6 +125,11 @@ class Trainer:
         if self.sparsity is not None:
             self.sparsity.step(number, self.optimizer)
 
+    def stored_units(self) -> list[np.ndarray]:
+        """B's sorted units of every sparse tensor (a copy; read outside the timed steps)."""
+        assert self.sparsity is not None
+        return [t.storage.units()[0].cpu().numpy().copy() for t in self.sparsity.tensors]
+
     def plain_step_before(self, update: int) -> int:
         """A step number just before ``update`` at which nothing changes."""
         assert self.sparsity is not None
@@ -138,6 +147,7 @@ class Samples:
     update: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
     cpu: dict[str, list[float]] = field(default_factory=dict)
+    churn: list[float] = field(default_factory=list)  # fraction of B that changed per update
 
     def add(self, kind: str, fn: Callable[[], None]) -> None:
         start, cpu = time.perf_counter(), time.process_time()
@@ -157,12 +167,29 @@ def run_round(trainer: Trainer, samples: Samples, round_index: int) -> None:
         samples.add("plain", lambda: trainer.step(number))
         return
     if trainer.every_step:
+        before = trainer.stored_units()
         samples.add("update", lambda: trainer.step(round_index + 2))
+        samples.churn.append(churn(before, trainer.stored_units()))
         return
     update = trainer.updates[round_index % len(trainer.updates)]
     samples.add("plain", lambda: trainer.step(trainer.plain_step_before(update)))
+    before = trainer.stored_units()
     samples.add("update", lambda: trainer.step(update))
+    samples.churn.append(churn(before, trainer.stored_units()))
     samples.add("after", lambda: trainer.step(update + 1))
+
+
+def churn(before: list[np.ndarray], after: list[np.ndarray]) -> float:
+    """The fraction of B's units (over all tensors) that entered B between two readings."""
+    entered = total = 0
+    for old, new in zip(before, after, strict=True):
+        if old.size:
+            found = old[np.searchsorted(old, new).clip(max=old.size - 1)] == new
+            entered += int(np.count_nonzero(~found))
+        else:
+            entered += new.size
+        total += new.size
+    return entered / max(total, 1)
 
 
 def per_step(
@@ -259,6 +286,8 @@ def main() -> None:
             ms, _ = per_step(trainer, view(samples[key]), args.run_steps, pick)
             cells.append(f"{ms:8.1f} {dense[name] / ms:7.2f}")
         _, note = per_step(trainer, samples[key], args.run_steps, statistics.median)
+        if samples[key].churn:
+            note += f"; {100 * statistics.median(samples[key].churn):.1f}% of B changes per update"
         print(f"{key[0]:14} {key[1]:8} {' '.join(cells)}  {note}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
