@@ -32,27 +32,25 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
+def elementwise_state(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:
+    """The element-wise optimizer state tensors of ``param`` (those of its shape; none before
+    its first step)."""
+    state = optimizer.state.get(param) or {}
+    values = (state.get(key) for key in ELEMENTWISE_STATE)
+    return [v for v in values if isinstance(v, Tensor) and v.shape == param.shape]
+
+
 def zero_state(optimizer: torch.optim.Optimizer, param: Tensor, mask: Tensor) -> None:
     """Set the element-wise optimizer state of ``param`` to zero where ``mask`` is true."""
-    state = optimizer.state.get(param)
-    if not state:
-        return  # no step taken yet: nothing to reset
-    for key in ELEMENTWISE_STATE:
-        value = state.get(key)
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(mask, 0)
+    for value in elementwise_state(optimizer, param):
+        value.masked_fill_(mask, 0)
 
 
 def keep_state_where(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tensor) -> None:
     """Set the element-wise optimizer state of ``param`` to zero where ``keep`` is false (in
     place: no complement mask, no temporary of the parameter's size)."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for key in ELEMENTWISE_STATE:
-        value = state.get(key)
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            torch.where(keep, value, value.new_zeros(()), out=value)
+    for value in elementwise_state(optimizer, param):
+        torch.where(keep, value, value.new_zeros(()), out=value)
 
 
 def zero_state_at(
@@ -60,13 +58,8 @@ def zero_state_at(
 ) -> None:
     """Zero the element-wise optimizer state of ``param`` through ``write(state_tensor)``,
     which sets the entries it knows about (e.g. a few units) to zero."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for key in ELEMENTWISE_STATE:
-        value = state.get(key)
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            write(value)
+    for value in elementwise_state(optimizer, param):
+        write(value)
 
 
 # -- what a step does where the gradient is zero ---------------------------------------------------

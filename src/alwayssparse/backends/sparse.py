@@ -73,7 +73,7 @@ from alwayssparse.masks import (
     tile_norms,
     write_units,
 )
-from alwayssparse.optim_state import ELEMENTWISE_STATE
+from alwayssparse.optim_state import elementwise_state
 from alwayssparse.sparse_tensor import (
     DenseStorage,
     SparseTensor,
@@ -911,22 +911,16 @@ class CompactStorage(UnitStorage):
         if change.reset_slots is not None:
             slots = change.reset_slots
             if slots.numel():
-                state = optimizer.state.get(self.layer.values, {})
-                for key in ELEMENTWISE_STATE:
-                    value = state.get(key)
-                    if isinstance(value, Tensor) and value.shape == self.layer.values.shape:
-                        value.view(self.layer.capacity, -1)[slots] = 0.0
+                for value in elementwise_state(optimizer, self.layer.values):
+                    value.view(self.layer.capacity, -1)[slots] = 0.0
             return
         if change.moved is not None:
             source, target = change.moved
-            state = optimizer.state.get(self.layer.values, {})
-            for key in ELEMENTWISE_STATE:
-                value = state.get(key)
-                if isinstance(value, Tensor) and value.shape == self.layer.values.shape:
-                    tiles = value.view(self.layer.tiles().shape)
-                    carried = torch.zeros_like(tiles)
-                    carried[target] = tiles[source]
-                    tiles.copy_(carried)
+            for value in elementwise_state(optimizer, self.layer.values):
+                tiles = value.view(self.layer.tiles().shape)
+                carried = torch.zeros_like(tiles)
+                carried[target] = tiles[source]
+                tiles.copy_(carried)
         super().carry_state(optimizer, change)
 
     def compact(self) -> None:
