@@ -359,35 +359,23 @@ class SparseLinear(CompactLinear):
         entered_a, left_a = delta.entered_a.cpu().numpy(), delta.left_a.cpu().numpy()
         slot_units = self.units.numpy()
         left_slots = topology.slots_of(left)
-        tiles = self.tiles().detach()
-        left_t, entered_t = torch.from_numpy(left_slots), torch.from_numpy(entered)
+        free = np.flatnonzero(slot_units < 0)
+        if free.size + left_slots.size < entered.size:
+            raise RuntimeError(
+                f"{entered.size} units enter B but only {free.size + left_slots.size} slots are "
+                f"free (capacity {self.capacity})"
+            )
+        slot_units[left_slots] = -1
+        entered_slots = np.flatnonzero(slot_units < 0)[: entered.size]
+        slots_t, left_t = torch.from_numpy(entered_slots), torch.from_numpy(left_slots)
+        self._move_values(torch.from_numpy(entered), slots_t, delta.left.cpu(), left_t)
         with torch.no_grad():
-            if self.reservoir is not None and left.size:
-                write_units(self.reservoir, delta.left.cpu(), self.block, tiles[left_t])
-            tiles[left_t] = 0.0
-            slot_units[left_slots] = -1
-            free = np.flatnonzero(slot_units < 0)
-            if free.size < entered.size:
-                raise RuntimeError(
-                    f"{entered.size} units enter B but only {free.size} slots are free "
-                    f"(capacity {self.capacity})"
-                )
-            entered_slots = free[: entered.size]
-            slots_t = torch.from_numpy(entered_slots)
-            if self.reservoir is not None and entered.size:
-                tiles[slots_t] = gather_units(self.reservoir, entered_t, self.block)
-            else:
-                tiles[slots_t] = 0.0
             slot_units[entered_slots] = entered
             self.in_a[left_t] = False
             topology.patch(entered, left, entered_slots, left_slots, entered_a, left_a)
             self.in_a[torch.from_numpy(topology.slots_of(left_a, missing_ok=True))] = False
             self.in_a[torch.from_numpy(topology.slots_of(entered_a))] = True
-            if zeroed is not None and zeroed.numel():
-                zeroed_np = zeroed.cpu().numpy()
-                tiles[torch.from_numpy(topology.slots_of(zeroed_np, missing_ok=True))] = 0.0
-                if self.reservoir is not None:
-                    write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
+        self._zero_units(topology, zeroed)
         # Written through numpy: bump the versions that counts, tokens and caches key on.
         _bump_version(self.units)
         self._slot_masks = None
@@ -407,26 +395,40 @@ class SparseLinear(CompactLinear):
         if result is None:
             return None
         entered, entered_slots, left, left_slots = result[10:]
-        tiles = self.tiles().detach()
-        with torch.no_grad():
-            if self.reservoir is not None and left.numel():
-                write_units(self.reservoir, left, self.block, tiles[left_slots])
-            tiles[left_slots] = 0.0  # before entering units may take these slots
-            if self.reservoir is not None and entered.numel():
-                tiles[entered_slots] = gather_units(self.reservoir, entered, self.block)
-            else:
-                tiles[entered_slots] = 0.0
-            topology.replace(new_units.numpy(), result[:10])
-            if zeroed is not None and zeroed.numel():
-                zeroed_np = zeroed.cpu().numpy()
-                tiles[torch.from_numpy(topology.slots_of(zeroed_np, missing_ok=True))] = 0.0
-                if self.reservoir is not None:
-                    write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
+        self._move_values(entered, entered_slots, left, left_slots)
+        topology.replace(new_units.numpy(), result[:10])
+        self._zero_units(topology, zeroed)
         # The slot buffers were written by the extension: bump what counts and tokens key on.
         _bump_version(self.units)
         _bump_version(self.in_a)
         self._slot_masks = None
         return entered_slots, left_slots
+
+    def _move_values(
+        self, entered: Tensor, entered_slots: Tensor, left: Tensor, left_slots: Tensor
+    ) -> None:
+        """Values of a topology change: units leaving B write theta to the reservoir (if any)
+        and their slots become zero, then the entering units' slots (possibly just freed ones)
+        take theta from the reservoir, or zero without one."""
+        tiles = self.tiles().detach()
+        with torch.no_grad():
+            if self.reservoir is not None and left.numel():
+                write_units(self.reservoir, left, self.block, tiles[left_slots])
+            tiles[left_slots] = 0.0
+            if self.reservoir is not None and entered.numel():
+                tiles[entered_slots] = gather_units(self.reservoir, entered, self.block)
+            else:
+                tiles[entered_slots] = 0.0
+
+    def _zero_units(self, topology: _Topology, zeroed: Tensor | None) -> None:
+        """Theta becomes zero at the units ``zeroed`` (those stored, and in the reservoir)."""
+        if zeroed is None or not zeroed.numel():
+            return
+        slots = topology.slots_of(zeroed.cpu().numpy(), missing_ok=True)
+        with torch.no_grad():
+            self.tiles().detach()[torch.from_numpy(slots)] = 0.0
+            if self.reservoir is not None:
+                write_units(self.reservoir, zeroed.cpu(), self.block, 0.0)
 
     def product(self, x: Tensor) -> Tensor:
         return _SparseLinearFunction.apply(x, self.values, None, self)
