@@ -340,28 +340,17 @@ class TopKAST(Method):
         if refresh is None:
             return None
         changes = {}
+        crossed = [refresh.entered, refresh.left, refresh.entered_a, refresh.left_a]
         for i, t in enumerate(group):
-            lo, hi = offsets[i], offsets[i + 1]
-
-            def part(values: np.ndarray, lo: int = lo, hi: int = hi) -> np.ndarray:
-                if one:
-                    return values
-                start, stop = np.searchsorted(values, [lo, hi])
-                return values[start:stop] - lo
-
-            units = part(refresh.units)
-            if one:
-                in_a = refresh.in_a
-            else:
-                start, stop = np.searchsorted(refresh.units, [lo, hi])
-                in_a = refresh.in_a[start:stop]
+            if one:  # positions are the tensor's units
+                units, in_a, crossings = refresh.units, refresh.in_a, crossed
+            else:  # the tensor's part of each ascending array, as its own units
+                lo, hi = offsets[i], offsets[i + 1]
+                span = _span(refresh.units, lo, hi)
+                units, in_a = refresh.units[span] - lo, refresh.in_a[span]
+                crossings = [c[_span(c, lo, hi)] - lo for c in crossed]
             device = devices[i]
-            delta = UnitDelta(
-                entered=_tensor(part(refresh.entered), device),
-                left=_tensor(part(refresh.left), device),
-                entered_a=_tensor(part(refresh.entered_a), device),
-                left_a=_tensor(part(refresh.left_a), device),
-            )
+            delta = UnitDelta(*(_tensor(c, device) for c in crossings))
             current = self._coefficients_current(t)
             change = t.storage.assign_delta(
                 _tensor(units, device), torch.from_numpy(in_a).to(device), delta
@@ -480,6 +469,12 @@ def compiled_selection() -> bool:
     (:meth:`RankedReservoir.select_compiled`); else through numpy (:meth:`RankedReservoir.select`),
     with the same result."""
     return kernels.available_backend() == "cpp"
+
+
+def _span(values: np.ndarray, lo: int, hi: int) -> slice:
+    """Where ascending ``values`` lie in [lo, hi)."""
+    start, stop = np.searchsorted(values, [lo, hi])
+    return slice(int(start), int(stop))
 
 
 def _tensor(values: np.ndarray, device: torch.device) -> Tensor:
