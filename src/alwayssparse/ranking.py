@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alwayssparse import kernels
+
 _POSITION_BITS = 32
 _POSITION_MASK = (1 << _POSITION_BITS) - 1
 MAX_POSITIONS = 1 << _POSITION_BITS
@@ -205,8 +207,6 @@ class RankedReservoir:
         the selection or a score cannot be keyed (negative, NaN). Raises ``NotImplementedError``
         without the compiled kernels (use :meth:`select`).
         """
-        from alwayssparse import kernels  # the kernels import torch's extension machinery
-
         length = self._ascending.size
         buffer = self._buffer
         if buffer is None or buffer.ctypes.data != self._ascending.ctypes.data:
