@@ -233,3 +233,114 @@ def test_any_nonzero_outside_matches_torch() -> None:
     assert not K.any_nonzero_outside(grid, mask)
     with pytest.raises(ValueError, match="differ"):
         K.any_nonzero_outside(grid, mask.t())
+
+
+def _special(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Random floats with NaN, both infinities and both zeros mixed in."""
+    values = torch.randn(n, generator=generator)
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0])
+    pick = torch.randint(0, 40, (n,), generator=generator)
+    chosen = pick < specials.numel()
+    values[chosen] = specials[pick[chosen]]
+    return values
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_masked_where_is_torch_where_bit_for_bit(compiled: bool, request) -> None:
+    """Both paths give torch.where's bits (NaN, infinities, -0.0 kept; +0.0 outside the mask
+    without ``other``), into a new tensor or in place over ``x`` or ``other``, at sizes around
+    the compiled kernel's 64 Ki chunks."""
+    if not compiled:
+        request.getfixturevalue("torch_backend")
+    generator = torch.Generator().manual_seed(1)
+    for n in (1, 7, 65_535, 65_536, 200_001):
+        mask = torch.rand(n, generator=generator) < 0.3
+        x, other = _special(n, generator), _special(n, generator)
+        expected_zero = torch.where(mask, x, 0.0)
+        expected = torch.where(mask, x, other)
+        assert torch.equal(_bits(K.masked_where(mask, x)), _bits(expected_zero))
+        assert torch.equal(_bits(K.masked_where(mask, x, other)), _bits(expected))
+        into_x, into_other = x.clone(), other.clone()
+        assert K.masked_where(mask, into_x, other, out=into_x) is into_x
+        assert torch.equal(_bits(into_x), _bits(expected))
+        K.masked_where(mask, x, into_other, out=into_other)
+        assert torch.equal(_bits(into_other), _bits(expected))
+    grid = torch.arange(12.0).reshape(3, 4)
+    keep = grid.remainder(3) == 0
+    assert K.masked_where(keep, grid).tolist() == [[0, 0, 0, 3], [0, 0, 6, 0], [0, 9, 0, 0]]
+
+
+def test_masked_where_falls_back_to_torch(backend: str) -> None:
+    """Non-contiguous, other dtypes and tensors autograd must track go through torch.where (same
+    values; the gradient flows)."""
+    generator = torch.Generator().manual_seed(2)
+    mask = torch.rand(6, 5, generator=generator) < 0.5
+    x = torch.randn(5, 6, generator=generator).t()  # not contiguous
+    assert torch.equal(K.masked_where(mask, x), torch.where(mask, x, 0.0))
+    assert torch.equal(K.masked_where(mask, x.double()), torch.where(mask, x.double(), 0.0))
+    leaf = x.contiguous().requires_grad_()
+    K.masked_where(mask, leaf).sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, mask.float())
+
+
+def test_masked_where_rejects_bad_input_writing_nothing() -> None:
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    x, out = torch.randn(3, 4), torch.full((3, 4), 7.0)
+    with pytest.raises(ValueError, match=r"other \(4, 3\) and mask \(3, 4\) differ"):
+        K.masked_where(mask, x, torch.randn(4, 3), out=out)
+    with pytest.raises(ValueError, match="out"):
+        K.masked_where(mask, x, out=torch.empty(12))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        K.masked_where(mask.float(), x, out=out)
+    assert torch.equal(out, torch.full((3, 4), 7.0))
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_weighted_norm_compiled(norm: str, backend: str) -> None:
+    """The float64 sum of c * w^2 (c * |w|) rounded once, the same bits for 1 and 2 threads,
+    and the gradient bit for bit torch's (scale * c) * w (sign(w), 0 at 0)."""
+    if backend != "cpp":
+        pytest.skip("the C++ extension is not available")
+    weight, coefficient, reference = _norm_case(norm)
+    threads = torch.get_num_threads()
+    try:
+        values = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            values.append(K.weighted_norm(weight, coefficient, norm))
+    finally:
+        torch.set_num_threads(threads)
+    assert values[0].dtype == torch.float32 and values[0].dim() == 0
+    assert torch.equal(values[0], values[1])
+    assert float(values[0]) == float(torch.tensor(reference, dtype=torch.float32))
+    direction = weight if norm == "l2" else weight.sign()
+    grad = K.weighted_norm_grad(weight, coefficient, 0.75, norm)
+    assert torch.equal(_bits(grad), _bits((0.75 * coefficient) * direction))
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_weighted_norm_torch_fallback(norm: str, torch_backend) -> None:
+    """Without the extension: the same values to float32 rounding; bad input is refused."""
+    weight, coefficient, reference = _norm_case(norm)
+    assert float(K.weighted_norm(weight, coefficient, norm)) == pytest.approx(reference, rel=1e-5)
+    direction = weight if norm == "l2" else weight.sign()
+    grad = K.weighted_norm_grad(weight, coefficient, torch.tensor(0.75), norm)
+    assert torch.equal(grad, (0.75 * coefficient) * direction)
+    with pytest.raises(ValueError, match="differ"):
+        K.weighted_norm(weight, coefficient.t(), norm)
+    with pytest.raises(ValueError, match="norm must be"):
+        K.weighted_norm_grad(weight, coefficient, 1.0, "l3")
+
+
+def _norm_case(norm: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A weight with a few zeros, coefficients, and sum(c * w^2) (c * |w|) in float64."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(513, 300, generator=generator)
+    weight[0, :5] = 0.0
+    coefficient = torch.rand(513, 300, generator=generator)
+    term = weight.double().square() if norm == "l2" else weight.double().abs()
+    return weight, coefficient, float((coefficient.double() * term).sum())

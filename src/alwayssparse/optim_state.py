@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from alwayssparse import kernels
+
 SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -50,7 +52,7 @@ def keep_state_where(optimizer: torch.optim.Optimizer, param: Tensor, keep: Tens
     """Set the element-wise optimizer state of ``param`` to zero where ``keep`` is false (in
     place: no complement mask, no temporary of the parameter's size)."""
     for value in elementwise_state(optimizer, param):
-        torch.where(keep, value, value.new_zeros(()), out=value)
+        kernels.masked_where(keep, value, out=value)
 
 
 def zero_state_at(

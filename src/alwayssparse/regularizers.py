@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from alwayssparse import kernels
 from alwayssparse.masks import block_norms, matrix_view
 from alwayssparse.sparse_tensor import SparseTensor
 
@@ -42,4 +43,4 @@ def apply_group_lasso(
         return
     step = group_lasso_step(t.weight, t.block, learning_rate, coefficient, weight_std)
     with torch.no_grad():
-        t.weight.sub_(torch.where(t.grad_mask, step, 0.0))
+        t.weight.sub_(kernels.masked_where(t.grad_mask, step))

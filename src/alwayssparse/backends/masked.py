@@ -69,17 +69,18 @@ from alwayssparse.state_dicts import register_weight_hooks
 
 
 class _ApplyMasks(torch.autograd.Function):
-    """alpha = where(A, theta, 0) forward; gradient where(B, g, 0) backward."""
+    """alpha = where(A, theta, 0) forward; gradient where(B, g, 0) backward (each one pass of
+    :func:`alwayssparse.kernels.masked_where`)."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, forward_mask: Tensor, grad_mask: Tensor) -> Tensor:
         ctx.save_for_backward(grad_mask)
-        return torch.where(forward_mask, weight, 0.0)
+        return kernels.masked_where(forward_mask, weight.detach())
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (grad_mask,) = ctx.saved_tensors
-        return torch.where(grad_mask, grad, 0.0), None, None
+        return kernels.masked_where(grad_mask, grad), None, None
 
 
 class MaskedWeight(nn.Module):
@@ -121,7 +122,7 @@ class MaskedWeight(nn.Module):
     def restore(self, weight: Tensor) -> None:
         """Write back theta outside B as of the last snapshot (in place, one pass)."""
         with torch.no_grad():
-            torch.where(self.grad_mask, weight, self.frozen_values, out=weight)
+            kernels.masked_where(self.grad_mask, weight, self.frozen_values, out=weight)
 
 
 def _resnapshot_after_load(plist: nn.Module, _incompatible: Any) -> None:
