@@ -87,21 +87,35 @@ def test_ranked_reservoir_matches_brute_force_over_long_random_runs() -> None:
     assert incremental > 600
 
 
-def test_compiled_selection_equals_the_numpy_one_over_long_random_runs() -> None:
+@pytest.mark.parametrize(
+    ("runs", "steps", "sizes", "distinct", "noise", "least"),
+    [(10, 80, (30, 1500), False, 0.05, 500), (3, 30, (8000, 20000), True, 0.3, 30)],
+    ids=["small-with-ties", "large-continuous"],
+)
+def test_compiled_selection_equals_the_numpy_one_over_long_random_runs(
+    runs: int, steps: int, sizes: tuple[int, int], distinct: bool, noise: float, least: int
+) -> None:
     """RankedReservoir.select_compiled (kernels.topkast_select) decides exactly when select
-    does, selects the same B and A, reports the same crossings and leaves the same frontier."""
+    does, selects the same B and A, reports the same crossings and leaves the same frontier.
+    Small grids with few score levels (ties everywhere, one histogram bucket holding most
+    keys); large ones with scores over many octaves, where thousands of units cross B's
+    boundary per refresh (the radix-sorted lists)."""
     from alwayssparse import kernels
 
     if kernels.available_backend() != "cpp":
         pytest.skip("needs the compiled kernels")
     rng = np.random.default_rng(1)
     compared = 0
-    for _ in range(10):
-        n = int(rng.integers(30, 1500))
+    crossed: list[int] = []
+    for _ in range(runs):
+        n = int(rng.integers(*sizes))
         count_b = int(rng.integers(1, n))
         count_a = int(rng.integers(1, count_b + 1))
-        levels = int(rng.integers(2, 40))
-        scores = (rng.integers(0, levels, n) / levels).astype(np.float32)
+        levels = 2**20 if distinct else int(rng.integers(2, 40))
+        if distinct:
+            scores = rng.lognormal(-3.0, 2.0, n).astype(np.float32)
+        else:
+            scores = (rng.integers(0, levels, n) / levels).astype(np.float32)
         positions = np.arange(n) * 3 + 5  # not 0 .. n-1: positions are what keys encode
         keys = rank_keys(torch.from_numpy(scores), positions)
         assert keys is not None
@@ -110,10 +124,14 @@ def test_compiled_selection_equals_the_numpy_one_over_long_random_runs() -> None
         size = int(rng.integers(1, n - count_b + 1))
         reference = RankedReservoir.build(keys[~in_b], size)
         compiled = RankedReservoir.build(keys[~in_b], size)
-        for _ in range(80):
+        for _ in range(steps):
             where = np.flatnonzero(in_b)
-            moved = scores[where] + rng.normal(0, 0.05, where.size).astype(np.float32)
-            scores[where] = np.maximum(0, np.round(moved * levels) / levels)
+            if distinct:  # relative moves: units near B's boundary cross it
+                moved = scores[where] * np.exp(rng.normal(0, noise, where.size))
+                scores[where] = moved.astype(np.float32)
+            else:
+                moved = scores[where] + rng.normal(0, noise, where.size).astype(np.float32)
+                scores[where] = np.maximum(0, np.round(moved * levels) / levels)
             keys = rank_keys(torch.from_numpy(scores), positions)
             assert keys is not None
             if rng.random() < 0.05:
@@ -141,8 +159,11 @@ def test_compiled_selection_equals_the_numpy_one_over_long_random_runs() -> None
             assert np.array_equal(refresh.left, positions[in_b & ~new_b])
             assert np.array_equal(refresh.entered_a, positions[new_a & ~in_a])
             assert np.array_equal(refresh.left_a, positions[in_a & ~new_a])
+            crossed.append(int(refresh.entered.size))
             in_b, in_a = new_b, new_a
-    assert compared > 500
+    assert compared > least
+    if distinct:
+        assert max(crossed) > 1000  # the radix sorts' path (from 512 entries) was taken
     # Scores without keys: the caller ranks in full.
     ranking = RankedReservoir.build(np.zeros(0, dtype=np.int64), 0)
     one = torch.ones(1, dtype=torch.bool)

@@ -1146,9 +1146,63 @@ inline int64_t key_position(int64_t key) {
   return mask - (key & mask);
 }
 
-int64_t kth_largest(std::vector<int64_t>& v, int64_t k) {  // 1 <= k <= v.size()
-  std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<int64_t>());
-  return v[k - 1];
+// The k-th largest key (1 <= k <= how many there are) of keys[i] for i < n with sel(i), and of
+// extra[0 .. n_extra): a histogram of the keys' top 12 bits (a score's exponent and 4 mantissa
+// bits: keys are below 2^63), then a selection among the keys of the one bucket that holds it.
+// Two branch-free passes instead of std::nth_element over every key (about 4x faster at 10^5).
+template <class Sel>
+int64_t kth_largest_where(const int64_t* keys, int64_t n, Sel&& sel, const int64_t* extra,
+                          int64_t n_extra, int64_t k) {
+  constexpr int shift = 51, buckets = 1 << 12;
+  static thread_local std::vector<int64_t> hist, bucket;  // scratch kept between calls
+  hist.assign(buckets, 0);
+  for (int64_t i = 0; i < n; ++i) hist[keys[i] >> shift] += sel(i);
+  for (int64_t f = 0; f < n_extra; ++f) hist[extra[f] >> shift] += 1;
+  int64_t above = 0, b = buckets - 1;
+  while (above + hist[b] < k) above += hist[b--];
+  bucket.resize(hist[b] + 1);  // one spare place for the branch-free writes
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bucket[m] = keys[i];
+    m += sel(i) & ((keys[i] >> shift) == b);
+  }
+  for (int64_t f = 0; f < n_extra; ++f) {
+    bucket[m] = extra[f];
+    m += (extra[f] >> shift) == b;
+  }
+  const int64_t r = k - above;  // 1 <= r <= m
+  std::nth_element(bucket.begin(), bucket.begin() + (r - 1), bucket.begin() + m,
+                   std::greater<int64_t>());
+  return bucket[r - 1];
+}
+
+
+// Sorts a[0 .. n) ascending by bits [0, bits) (every higher bit is zero): LSD radix sort, 11
+// bits a pass, a pass skipped when all entries share its digit; std::sort below 512 entries.
+// About 5x std::sort on the 10^4-entry lists of a refresh.
+void radix_sort(std::vector<uint64_t>& a, int bits) {
+  const size_t n = a.size();
+  if (n < 512) {
+    std::sort(a.begin(), a.end());
+    return;
+  }
+  constexpr int digit = 11, radix = 1 << digit;
+  static thread_local std::vector<uint64_t> tmp;
+  tmp.resize(n);
+  size_t count[radix];
+  for (int shift = 0; shift < bits; shift += digit) {
+    std::fill(count, count + radix, size_t{0});
+    for (size_t i = 0; i < n; ++i) ++count[(a[i] >> shift) & (radix - 1)];
+    if (count[(a[0] >> shift) & (radix - 1)] == n) continue;  // one digit: nothing moves
+    size_t sum = 0;
+    for (int d = 0; d < radix; ++d) {
+      const size_t c = count[d];
+      count[d] = sum;
+      sum += c;
+    }
+    for (size_t i = 0; i < n; ++i) tmp[count[(a[i] >> shift) & (radix - 1)]++] = a[i];
+    a.swap(tmp);
+  }
 }
 
 std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, at::Tensor in_a,
@@ -1195,98 +1249,56 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   for (int64_t i = 0; i < n; ++i) q += keys[i] > tau;
   // B: every unit with a key >= tb (a C unit: among the frontier's best `taken`).
   int64_t tb = INT64_MAX, taken = 0;
-  std::vector<int64_t> pool;
+  const int64_t* kv = keys.data();
   if (q >= count_b) {
     if (count_b > 0) {
-      for (int64_t i = 0; i < n; ++i)
-        if (keys[i] > tau) pool.push_back(keys[i]);
-      tb = kth_largest(pool, count_b);
+      tb = kth_largest_where(kv, n, [&](int64_t i) { return int64_t{kv[i] > tau}; }, nullptr, 0,
+                             count_b);
     }
   } else {
+    // The q units above tau stay; the other places go to the best of (B's units at most tau)
+    // and (the frontier's best `known`).
     const int64_t places = count_b - q, known = std::min(places, F);
-    pool.resize(n + known + 1);
-    size_t m = 0;
-    for (int64_t i = 0; i < n; ++i) {  // branch-free compaction: written, kept if <= tau
-      pool[m] = keys[i];
-      m += keys[i] <= tau;
-    }
-    for (int64_t f = 0; f < known; ++f) pool[m++] = fr[F - 1 - f];
-    pool.resize(m);
-    if (static_cast<int64_t>(pool.size()) < places) return status(1);
-    tb = kth_largest(pool, places);
+    if (n - q + known < places) return status(1);
+    tb = kth_largest_where(kv, n, [&](int64_t i) { return int64_t{kv[i] <= tau}; },
+                           fr + F - known, known, places);
     if (floor >= 0 && tb <= floor) return status(1);  // a unit below the floor might outrank it
     while (taken < known && fr[F - 1 - taken] >= tb) ++taken;
   }
-  // A: the top count_a of the new B = (kept units) + (entering: fr[F - taken .. F)).
+  // A: the top count_a of the new B = (B's units with keys >= tb) + (entering: fr[F - taken ..
+  // F)), or all of it.
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) kept += keys[i] >= tb;
   int64_t ta = INT64_MIN;
-  int64_t kept = 0, best_outsider = -1;
-  for (int64_t i = 0; i < n; ++i) {  // arithmetic, not branches: A's flags are random
-    const int64_t in_b = keys[i] >= tb, outsider = in_b & !ia[i];
-    kept += in_b;
-    best_outsider = std::max(best_outsider, keys[i] | (outsider - 1));  // -1 unless outsider
-  }
-  for (int64_t f = 0; f < taken; ++f) best_outsider = std::max(best_outsider, fr[F - 1 - f]);
-  if (count_a < kept + taken) {
-    if (count_a == 0) {
-      ta = INT64_MAX;
-    } else {
-      // Old A's units above every outsider stay; the rest (R, few) compete with the outsiders.
-      int64_t p = 0;
-      size_t r = 0;
-      std::vector<int64_t> rest(n + taken + 1);
-      for (int64_t i = 0; i < n; ++i) {  // arithmetic: written at the next place, kept if in R
-        const int64_t a_kept = ia[i] & (keys[i] >= tb), above = keys[i] > best_outsider;
-        p += a_kept & above;
-        rest[r] = keys[i];
-        r += a_kept & !above;
-      }
-      rest.resize(r);
-      if (p >= count_a) {
-        std::vector<int64_t> stays;
-        stays.reserve(p);
-        for (int64_t i = 0; i < n; ++i)
-          if (ia[i] && keys[i] >= tb && keys[i] > best_outsider) stays.push_back(keys[i]);
-        ta = kth_largest(stays, count_a);
-      } else {
-        const int64_t places = count_a - p;
-        int64_t bound = -1;  // only outsiders at least the places-th best of R can win
-        if (static_cast<int64_t>(rest.size()) >= places) {
-          std::vector<int64_t> copy(rest);
-          bound = kth_largest(copy, places);
-        }
-        size_t m = rest.size();
-        rest.resize(m + n + taken);
-        for (int64_t i = 0; i < n; ++i) {  // branch-free: A's flags are random
-          rest[m] = keys[i];
-          m += (keys[i] >= tb) & !ia[i] & (keys[i] >= bound);
-        }
-        for (int64_t f = 0; f < taken; ++f) {
-          rest[m] = fr[F - 1 - f];
-          m += fr[F - 1 - f] >= bound;
-        }
-        rest.resize(m);
-        ta = kth_largest(rest, places);
-      }
-    }
+  if (count_a == 0) {
+    ta = INT64_MAX;
+  } else if (count_a < kept + taken) {
+    ta = kth_largest_where(kv, n, [&](int64_t i) { return int64_t{kv[i] >= tb}; }, fr + F - taken,
+                           taken, count_a);
   }
   // Entering units in position order, with their A flags.
-  std::vector<std::pair<int64_t, int64_t>> by_position(taken);  // (position, key)
+  // Sorted as single integers, position above the index into the frontier (both below 2^32).
+  std::vector<uint64_t> by_position(taken);
   for (int64_t f = 0; f < taken; ++f) {
-    by_position[f] = {key_position(fr[F - 1 - f]), fr[F - 1 - f]};
+    by_position[f] = (static_cast<uint64_t>(key_position(fr[F - 1 - f])) << 32) | uint64_t(f);
   }
-  std::sort(by_position.begin(), by_position.end());
+  radix_sort(by_position, 64);
   std::vector<int64_t> entering(taken), entering_key(taken);
   for (int64_t f = 0; f < taken; ++f) {
-    entering[f] = by_position[f].first;
-    entering_key[f] = by_position[f].second;
+    entering[f] = static_cast<int64_t>(by_position[f] >> 32);
+    entering_key[f] = fr[F - 1 - static_cast<int64_t>(by_position[f] & 0xffffffffu)];
   }
   // The frontier loses the entering units (its last `taken`) and gains the leaving ones above
   // the floor: merged from the back, in place when the buffer holds the result (the leaving
   // units ranked high, so little of the frontier moves), else into a new buffer with room.
-  std::vector<int64_t> dropped;
-  for (int64_t i = 0; i < n; ++i)
-    if (keys[i] < tb && (floor < 0 || keys[i] > floor)) dropped.push_back(keys[i]);
-  std::sort(dropped.begin(), dropped.end());
+  std::vector<uint64_t> dropped(n + 1);
+  size_t nd_found = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free compaction: leaving units are random
+    dropped[nd_found] = static_cast<uint64_t>(keys[i]);
+    nd_found += (keys[i] < tb) & (floor < 0 || keys[i] > floor);
+  }
+  dropped.resize(nd_found);
+  radix_sort(dropped, 63);  // keys are below 2^63
   const int64_t remaining = F - taken, nd = static_cast<int64_t>(dropped.size());
   const int64_t length = remaining + nd;
   at::Tensor new_frontier = frontier;
@@ -1299,13 +1311,14 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
     // The frontier's keys above dropped[b] move up in one block, then dropped[b] goes below;
     // the block's start is found by galloping down from the unread end (the gaps are short).
     int64_t lo = unread, step = 1;
-    while (lo > 0 && out[lo - 1] > dropped[b]) {
+    const int64_t d = static_cast<int64_t>(dropped[b]);
+    while (lo > 0 && out[lo - 1] > d) {
       const int64_t next = std::max<int64_t>(0, lo - step);
-      if (out[next] > dropped[b]) {
+      if (out[next] > d) {
         lo = next;
         step *= 2;
       } else {
-        lo = std::upper_bound(out + next, out + lo, dropped[b]) - out;
+        lo = std::upper_bound(out + next, out + lo, d) - out;
         break;
       }
     }
@@ -1313,48 +1326,73 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
     w -= unread - above;
     std::memmove(out + w, out + above, (unread - above) * sizeof(int64_t));
     unread = above;
-    out[--w] = dropped[b];
+    out[--w] = d;
   }
   const int64_t nb = kept + taken;
-  // One spare place: every unit of B is written at the next place, which only a kept unit
-  // then claims (branch-free); the rare events (leaving B, entering or leaving A) branch.
-  at::Tensor units = at::empty({nb + 1}, opt), flags = at::empty({nb + 1}, in_a.options());
-  at::Tensor entered = at::empty({taken}, opt);
-  int64_t* u = units.data_ptr<int64_t>();
-  bool* fl = flags.data_ptr<bool>();
-  std::vector<int64_t> left, entered_a, left_a;
-  int64_t e = 0, k = 0;
-  auto take_entering = [&]() {
-    const bool a_after = entering_key[e] >= ta;
-    u[k] = entering[e];
-    fl[k++] = a_after;
-    if (a_after) entered_a.push_back(entering[e]);
-    ++e;
+  // B's units that stay, with their A flags, and the units leaving B, leaving A and entering A
+  // from B\A: branch-free compactions (every one is written at the next place of its list,
+  // which only an entry of that list then claims; one spare place each) into scratch buffers
+  // that only grow (a resize to a larger size would zero them at every call).
+  static thread_local std::vector<int64_t> kept_buf, left_buf, left_a_buf, entered_b_buf;
+  static thread_local std::vector<uint8_t> kept_flag_buf;
+  auto grown = [](auto& v, size_t size) {
+    if (v.size() < size) v.resize(size);
+    return v.data();
   };
+  int64_t* __restrict kept_units = grown(kept_buf, n + 1);
+  int64_t* __restrict left = grown(left_buf, n + 1);
+  int64_t* __restrict left_a = grown(left_a_buf, n + 1);
+  int64_t* __restrict entered_a_b = grown(entered_b_buf, n + 1);
+  uint8_t* __restrict kept_flags = grown(kept_flag_buf, n + 1);
+  int64_t k = 0, nl = 0, nla = 0, nea = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t p = pos[i];
-    while (e < taken && entering[e] < p) take_entering();
-    const bool stays_b = keys[i] >= tb, a_after = stays_b & (keys[i] >= ta);
-    u[k] = p;
-    fl[k] = a_after;
+    const int64_t p = pos[i], was_a = ia[i], key = kv[i];
+    const int64_t stays_b = key >= tb, a_after = stays_b & (key >= ta);
+    kept_units[k] = p;
+    kept_flags[k] = static_cast<uint8_t>(a_after);
     k += stays_b;
-    if (!stays_b | (ia[i] != a_after)) {
-      if (!stays_b) left.push_back(p);
-      if (ia[i] && !a_after) left_a.push_back(p);
-      if (!ia[i] && a_after) entered_a.push_back(p);
-    }
+    left[nl] = p;
+    nl += !stays_b;
+    left_a[nla] = p;
+    nla += was_a & !a_after;
+    entered_a_b[nea] = p;
+    nea += !was_a & a_after;
   }
-  while (e < taken) take_entering();
-  units = units.narrow(0, 0, nb);
-  flags = flags.narrow(0, 0, nb);
-  if (taken) std::memcpy(entered.data_ptr<int64_t>(), entering.data(), taken * sizeof(int64_t));
-  auto vec = [&](const std::vector<int64_t>& v) {
-    at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, opt);
-    if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+  // B after: the kept units with the entering ones (few) inserted, each after the run of kept
+  // units below it (one well-predicted copy loop per run; the sentinel ends the last).
+  kept_units[k] = INT64_MAX;
+  at::Tensor units = at::empty({nb}, opt), flags = at::empty({nb}, in_a.options());
+  at::Tensor entered = at::empty({taken}, opt);
+  int64_t* __restrict u = units.data_ptr<int64_t>();
+  uint8_t* __restrict fl = reinterpret_cast<uint8_t*>(flags.data_ptr<bool>());
+  std::vector<int64_t> entered_a_c;  // entering units that enter A, ascending
+  int64_t i = 0, j = 0;
+  for (int64_t e = 0; e < taken; ++e) {
+    const int64_t next = entering[e];
+    for (; kept_units[i] < next; ++i, ++j) {
+      u[j] = kept_units[i];
+      fl[j] = kept_flags[i];
+    }
+    const bool a_after = entering_key[e] >= ta;
+    u[j] = next;
+    fl[j++] = a_after;
+    if (a_after) entered_a_c.push_back(next);
+  }
+  for (; i < k; ++i, ++j) {
+    u[j] = kept_units[i];
+    fl[j] = kept_flags[i];
+  }
+  auto vec = [&](const int64_t* v, int64_t size) {
+    at::Tensor t = at::empty({size}, opt);
+    if (size) std::memcpy(t.data_ptr<int64_t>(), v, size * sizeof(int64_t));
     return t;
   };
-  return {at::full({}, int64_t{0}, opt), new_frontier, units, flags, entered, vec(left),
-          vec(entered_a), vec(left_a), at::full({}, length, opt)};
+  at::Tensor entered_a = at::empty({nea + static_cast<int64_t>(entered_a_c.size())}, opt);
+  std::merge(entered_a_b, entered_a_b + nea, entered_a_c.begin(), entered_a_c.end(),
+             entered_a.data_ptr<int64_t>());  // both ascending
+  if (taken) std::memcpy(entered.data_ptr<int64_t>(), entering.data(), taken * sizeof(int64_t));
+  return {at::full({}, int64_t{0}, opt), new_frontier, units, flags, entered, vec(left, nl),
+          entered_a, vec(left_a, nla), at::full({}, length, opt)};
 }
 
 // Whether values (float32) is nonzero anywhere mask (bool, same size) is false (the masked
