@@ -444,3 +444,68 @@ def test_refresh_on_several_threads_equals_one_thread(
             assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])
     counts = threaded["method"].refresh_counts
     assert counts == single["method"].refresh_counts and counts["incremental"] > 0
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_topology_update_matches_a_reference_on_random_changes(index_dtype: torch.dtype) -> None:
+    """Random changes of B on grids with spare slots scattered through the buffer (the free-slot
+    search skips 16 occupied slots at a time) and rows left empty: survivors keep their slots,
+    entering units take the lowest free ones in position order, and every structure equals one
+    built from scratch."""
+    from alwayssparse import kernels
+
+    if kernels.available_backend() != "cpp":
+        pytest.skip("needs the compiled kernels")
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        rows, cols = int(rng.integers(1, 40)), int(rng.integers(1, 70))
+        grid = rows * cols
+        old = np.sort(rng.choice(grid, int(rng.integers(0, grid + 1)), replace=False))
+        cap = old.size + int(rng.integers(0, 50))
+        slots = np.sort(rng.choice(cap, old.size, replace=False))  # holes anywhere
+        order = rng.permutation(slots)
+        slot_units = torch.full((cap,), -1, dtype=index_dtype)
+        slot_units[torch.from_numpy(order)] = torch.from_numpy(old).to(index_dtype)
+        slot_in_a = torch.zeros(cap, dtype=torch.bool)
+        slot_in_a[torch.from_numpy(order)] = torch.from_numpy(rng.random(old.size) < 0.5)
+        keep = old[rng.random(old.size) < rng.random()]
+        outside = np.setdiff1d(np.arange(grid), old)
+        room = min(outside.size, cap - keep.size)
+        new = np.union1d(keep, rng.choice(outside, int(rng.integers(0, room + 1)), replace=False))
+        in_a = rng.random(new.size) < 0.5
+        out = kernels.topology_update(
+            torch.from_numpy(old), torch.from_numpy(order), torch.from_numpy(new),
+            torch.from_numpy(in_a), slot_units, slot_in_a, (rows, cols),
+        )  # fmt: skip
+        # Reference: survivors keep their slots; entering units fill the lowest free slots.
+        old_slot = dict(zip(old.tolist(), order.tolist(), strict=True))
+        slot_of = dict(old_slot)
+        free = sorted(set(range(cap)) - {slot_of[u] for u in keep.tolist()})
+        entering = [u for u in new.tolist() if u not in slot_of]
+        slot_of.update(zip(entering, free, strict=False))
+        expected_order = [slot_of[u] for u in new.tolist()]
+        assert out[0].tolist() == expected_order
+        expected_units = np.full(cap, -1)
+        expected_units[expected_order] = new
+        assert slot_units.tolist() == expected_units.tolist()
+        expected_in_a = np.zeros(cap, dtype=bool)
+        expected_in_a[expected_order] = in_a
+        assert slot_in_a.tolist() == expected_in_a.tolist()
+        b_ptr, b_cols, a_units, a_slots, a_ptr, a_cols, t_ptr, t_rows, t_slots = out[1:10]
+        assert b_ptr.tolist() == np.searchsorted(new, np.arange(rows + 1) * cols).tolist()
+        assert b_cols.tolist() == (new % cols).tolist()
+        a = new[in_a]
+        assert a_units.tolist() == a.tolist()
+        assert a_slots.tolist() == np.asarray(expected_order)[in_a].tolist()
+        assert a_ptr.tolist() == np.searchsorted(a, np.arange(rows + 1) * cols).tolist()
+        assert a_cols.tolist() == (a % cols).tolist()
+        by_column = np.lexsort((a // cols, a % cols))
+        assert t_ptr.tolist() == np.searchsorted(np.sort(a % cols), np.arange(cols + 1)).tolist()
+        assert t_rows.tolist() == (a // cols)[by_column].tolist()
+        assert t_slots.tolist() == np.asarray(expected_order)[in_a][by_column].tolist()
+        entered, entered_slots, left, left_slots = out[10:]
+        assert entered.tolist() == entering
+        assert entered_slots.tolist() == [slot_of[u] for u in entering]
+        gone = np.setdiff1d(old, keep)
+        assert left.tolist() == gone.tolist()
+        assert left_slots.tolist() == [old_slot[u] for u in gone.tolist()]

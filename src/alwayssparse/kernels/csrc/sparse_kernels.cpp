@@ -1009,17 +1009,25 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
   int64_t* od = order.data_ptr<int64_t>();
   std::vector<int64_t> entered_pos, left_units, left_slots;
   int64_t i = 0, j = 0;
-  while (i < nb || j < nn) {
-    if (j >= nn || (i < nb && ou[i] < nu[j])) {
-      left_units.push_back(ou[i]);
-      left_slots.push_back(oo[i]);
-      ++i;
-    } else if (i >= nb || nu[j] < ou[i]) {
+  while (i < nb && j < nn) {
+    const int64_t was = ou[i], now = nu[j];
+    if (was == now) {  // most units stay: the one well-predicted case
+      od[j++] = oo[i++];
+    } else if (was < now) {
+      left_units.push_back(was);
+      left_slots.push_back(oo[i++]);
+    } else {
       entered_pos.push_back(j);
       od[j++] = -1;
-    } else {
-      od[j++] = oo[i++];
     }
+  }
+  for (; i < nb; ++i) {
+    left_units.push_back(ou[i]);
+    left_slots.push_back(oo[i]);
+  }
+  for (; j < nn; ++j) {
+    entered_pos.push_back(j);
+    od[j] = -1;
   }
   for (int64_t s : left_slots) {
     su[s] = static_cast<I>(-1);
@@ -1031,6 +1039,14 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
   int64_t* es = entered_slots.data_ptr<int64_t>();
   int64_t free_slot = 0;
   for (int64_t e = 0; e < ne; ++e) {
+    // Skip 16 occupied slots at a time (no slot below free_slot is free; an OR of 16 slot units
+    // is negative when one of them is).
+    while (free_slot + 16 <= cap) {
+      I any = 0;
+      for (int q = 0; q < 16; ++q) any |= su[free_slot + q];
+      if (any < 0) break;
+      free_slot += 16;
+    }
     while (free_slot < cap && su[free_slot] >= 0) ++free_slot;
     TORCH_CHECK(free_slot < cap, "no free slot: the slot buffers disagree with old_units");
     const int64_t p = entered_pos[e];
@@ -1056,13 +1072,18 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
   I *bc = b_cols.data_ptr<I>(), *ac = a_cols.data_ptr<I>(), *tr = t_rows.data_ptr<I>();
   // Branch-free compaction of A (its flags are random): every unit is written at the next
   // place, which only a unit of A then claims.
-  int64_t a = 0, row = 0;
+  // Row pointers are written where a row starts (units ascend: no division per unit, and no
+  // per-unit increment of a row's count, which would wait on its own store every time).
+  int64_t a = 0, row = 0, row_start = 0;
   for (int64_t k = 0; k < nn; ++k) {
-    while (nu[k] >= (row + 1) * C) ++row;  // units ascend: no division per unit
-    const int64_t col = nu[k] - row * C, in = na[k];
-    bp[row + 1]++;
+    while (nu[k] >= row_start + C) {
+      ++row;
+      row_start += C;
+      bp[row] = k;
+      ap[row] = a;
+    }
+    const int64_t col = nu[k] - row_start, in = na[k];
     bc[k] = static_cast<I>(col);
-    ap[row + 1] += in;
     tp[col + 1] += in;
     if (a < na_count) {
       au[a] = nu[k];
@@ -1071,9 +1092,9 @@ std::vector<at::Tensor> topology_update_impl(const at::Tensor& old_units,
     }
     a += in;
   }
-  for (int64_t r = 0; r < R; ++r) {
-    bp[r + 1] += bp[r];
-    ap[r + 1] += ap[r];
+  for (++row; row <= R; ++row) {
+    bp[row] = nn;
+    ap[row] = a;
   }
   for (int64_t c = 0; c < C; ++c) tp[c + 1] += tp[c];
   std::vector<int64_t> fill(tp, tp + C);
