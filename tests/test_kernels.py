@@ -78,6 +78,24 @@ def test_csr_kernels_match_dense(n, fin, fout, d, index, backend):
     _close(K.csr_sampled_grad(rp, ci, gy, x), (gy.T @ x)[mask])
 
 
+@pytest.mark.parametrize("nt", [16, 32, 64, 128])
+def test_csr_products_at_every_batch_tile(nt: int, backend: str) -> None:
+    """The extension's products for every batch tile NT (the defaults pick 32 for the SpMM and
+    64 for the SDDMM; the others stay reachable through the extension's ``nt``), on a ragged
+    batch."""
+    if backend != "cpp":
+        pytest.skip("the C++ extension is not available")
+    gen = torch.Generator().manual_seed(nt)
+    n, fin, fout = 203, 70, 45
+    w = torch.randn(fout, fin, generator=gen)
+    mask = _mask(fout, fin, 0.2, gen)
+    rp, ci, v = K.dense_to_csr(w, mask)
+    x, gy = torch.randn(n, fin, generator=gen), torch.randn(n, fout, generator=gen)
+    ext = K._ext()
+    _close(ext.csr_spmm(rp, ci, v, x, fout, nt), x @ (w * mask).T)
+    _close(ext.csr_sddmm(rp, ci, gy, x, nt), (gy.T @ x)[mask])
+
+
 @pytest.mark.parametrize("index", [torch.int64, torch.int32])
 @pytest.mark.parametrize("b", [4, 8, 16])
 @pytest.mark.parametrize(
