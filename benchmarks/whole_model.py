@@ -39,6 +39,11 @@ Run (about 5 minutes on 2 idle cores):
     python3 benchmarks/whole_model.py --quick          # 2 layers, d_model 256, 2 rounds
     python3 benchmarks/whole_model.py --backends sparse --methods static topkast-1
     python3 benchmarks/whole_model.py --block-size 16         # 16x16 blocks
+    python3 benchmarks/whole_model.py --allocator default     # glibc's malloc as it comes
+
+By default glibc's malloc keeps freed memory for reuse (:mod:`alwayssparse.host_memory`, as
+``alwayssparse train`` does): otherwise the steps page-fault on the activations they allocate
+again, which costs the short sparse steps a larger share than the dense one.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import numpy as np
 import torch
 
 from alwayssparse import Sparsity, kernels
+from alwayssparse.host_memory import reuse_freed_memory
 from alwayssparse.models import TransformerLM, TransformerLMConfig, lm_loss
 
 FULL = TransformerLMConfig(n_layer=4, n_head=8, d_model=512, d_ff=2048, context=256)
@@ -224,6 +230,11 @@ def main() -> None:
         "--block-size", type=int, default=1, help="unit edge: 1 (unstructured), 4, 8 or 16"
     )
     parser.add_argument(
+        "--allocator", choices=["reuse", "default"], default="reuse",
+        help="glibc malloc keeping freed memory for reuse (what `alwayssparse train` sets, "
+        "alwayssparse.host_memory) or its default settings; every model runs with the same",
+    )  # fmt: skip
+    parser.add_argument(
         "--optimizer", choices=["adamw", "adamw-fused"], default="adamw",
         help="torch's AdamW loop (default) or its fused kernel (what `alwayssparse train` uses)",
     )  # fmt: skip
@@ -235,6 +246,8 @@ def main() -> None:
     fused = args.optimizer == "adamw-fused"
     start = time.perf_counter()
     tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if args.allocator == "reuse" and reuse_freed_memory():
+        tuned["mallopt"] = "reuse_freed_memory()"
     print(
         f"LM {config.n_layer}L d{config.d_model} ff{config.d_ff} ctx{config.context} "
         f"batch {args.batch}, density {args.density}, block {args.block_size}, {args.optimizer}, "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alwayssparse import host_memory
 from alwayssparse.cli import build_config, main, make_parser, parse_sparsity
 from alwayssparse.train import (
     PRESETS,
@@ -57,9 +58,12 @@ def test_short_topkast_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> Non
     assert load_run_config(run) == config
 
 
-def test_dense_and_static_runs(tmp_path: Path) -> None:
+def test_dense_and_static_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reuse: list[int] = []  # train.reuse_host_memory: on by default, off in the static run
+    monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: reuse.append(1) or True)
     dense = train(_tiny(tmp_path, sparsity__method="dense"), tmp_path / "d", progress=False,
                   log=_quiet)  # fmt: skip
+    assert reuse == [1]
     # Dense is a method: a Sparsity that makes nothing sparse, no division by zero sparse entries.
     assert dense["forward_density"] == dense["backward_density"] == dense["explored_dof"] == 1.0
     total = dense["parameters"]["total"]
@@ -67,8 +71,9 @@ def test_dense_and_static_runs(tmp_path: Path) -> None:
                                    "backward": total}  # fmt: skip
     assert "dense method" in (tmp_path / "d" / "layout.txt").read_text()
     assert not (tmp_path / "d" / "dynamics.jsonl").exists()
-    static = train(_tiny(tmp_path, sparsity__method="static"), tmp_path / "s", progress=False,
-                   log=_quiet)  # fmt: skip
+    static = train(_tiny(tmp_path, sparsity__method="static", train__reuse_host_memory=False),
+                   tmp_path / "s", progress=False, log=_quiet)  # fmt: skip
+    assert reuse == [1]
     assert static["forward_density"] == static["backward_density"] == pytest.approx(0.1, abs=1e-3)
 
 

@@ -104,6 +104,10 @@ class LoopConfig:
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``... Under
             several processes (torchrun) ``"auto"`` and ``"cuda"`` mean ``cuda:LOCAL_RANK``.
         threads: CPU threads for PyTorch (0 leaves PyTorch's default).
+        reuse_host_memory: Make glibc's malloc keep freed memory for reuse, so CPU steps do not
+            page-fault on the activations they allocate again
+            (:func:`alwayssparse.host_memory.reuse_freed_memory`; a setting of the process,
+            nothing elsewhere than glibc).
         dist_timeout: Seconds a collective waits for the other processes before the run fails
             (a dead or stuck rank then stops the job instead of hanging it).
         dist_check_interval: Under several processes, check every this many steps that all
@@ -133,6 +137,7 @@ class LoopConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    reuse_host_memory: bool = True
     dist_timeout: float = distributed.DEFAULT_TIMEOUT
     dist_check_interval: int = 0
     sync_batchnorm: bool = True

@@ -15,7 +15,7 @@ from alwayssparse.runconfig import is_sparse_method
 from alwayssparse.tasks import TASKS
 
 # Settings that do not change what a run computes: runs differing only in these are seeds.
-_NOT_CONFIG = ("train.seed", "train.device", "train.threads")
+_NOT_CONFIG = ("train.seed", "train.device", "train.threads", "train.reuse_host_memory")
 
 
 def _read_jsonl(path: Path, key: Any) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from alwayssparse import distributed
+from alwayssparse import distributed, host_memory
 from alwayssparse.checkpoints import load_checkpoint, save_checkpoint, write_json
 from alwayssparse.config import to_dict
 from alwayssparse.dynamics import DYNAMICS_FILE, MaskDynamics
@@ -135,6 +135,8 @@ def _train(
     checkpoint_path = _claim(run_dir, resume, overwrite)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    if config.train.reuse_host_memory and host_memory.reuse_freed_memory():
+        log("host memory: freed blocks kept for reuse (train.reuse_host_memory)")
     seed_everything(config.train.seed)
 
     # Task: data and model.
