@@ -362,3 +362,33 @@ def _norm_case(norm: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     coefficient = torch.rand(513, 300, generator=generator)
     term = weight.double().square() if norm == "l2" else weight.double().abs()
     return weight, coefficient, float((coefficient.double() * term).sum())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+def test_topkast_coefficients_bit_for_bit(compiled: bool, request) -> None:
+    """1 on A, 1/D on B \\ A, 0 elsewhere: the same bits on both paths, for A inside B and not,
+    float32 and (through torch) float64 and expanded masks."""
+    if not compiled:
+        request.getfixturevalue("torch_backend")
+    generator = torch.Generator().manual_seed(5)
+    grad = torch.rand(70_001, generator=generator) < 0.2
+    forward = grad & (torch.rand(70_001, generator=generator) < 0.5)
+    forward[:10] = True  # a few entries of A outside B
+    for density in (0.1, 0.3, 0.07):
+        expected = forward.float() + (grad & ~forward).float() / density
+        got = K.topkast_coefficients(forward, grad, density, torch.float32)
+        assert torch.equal(_bits(got), _bits(expected))
+    hand = K.topkast_coefficients(torch.tensor([True, False, False, True]),
+                                  torch.tensor([True, True, False, False]), 0.25,
+                                  torch.float32)  # fmt: skip
+    assert hand.tolist() == [1.0, 4.0, 0.0, 1.0]
+    wide = K.topkast_coefficients(forward, grad, 0.1, torch.float64)
+    assert wide.dtype == torch.float64 and float(wide[grad & ~forward][0]) == pytest.approx(10.0)
+    expanded = forward[:40].view(-1, 1).expand(40, 3)  # not contiguous: through torch
+    got = K.topkast_coefficients(expanded, grad[:40].view(-1, 1).expand(40, 3), 0.1,
+                                 torch.float32)  # fmt: skip
+    assert torch.equal(got, got[:, :1].expand(40, 3))
+    with pytest.raises(ValueError, match="differ"):
+        K.topkast_coefficients(forward, grad[:5], 0.1, torch.float32)
+    with pytest.raises(ValueError, match="density must be positive"):
+        K.topkast_coefficients(forward, grad, 0.0, torch.float32)

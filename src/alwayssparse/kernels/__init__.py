@@ -50,6 +50,7 @@ __all__ = [
     "dense_to_bsr",
     "dense_to_csr",
     "masked_where",
+    "topkast_coefficients",
     "topkast_select",
     "topology_update",
     "weighted_norm",
@@ -444,6 +445,30 @@ def weighted_norm_grad(
         direction = weight if norm == "l2" else weight.sign()
         return (scale * coefficient) * direction
     return _ext().weighted_norm_grad(weight, coefficient, float(scale), norm == "l1")
+
+
+def topkast_coefficients(
+    forward_mask: torch.Tensor, grad_mask: torch.Tensor, density: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Top-KAST's regulariser coefficients, ``dtype``, of the masks' shape: 1 on A
+    (``forward_mask``), ``1 / density`` on B \\ A, 0 elsewhere. One compiled pass for contiguous
+    CPU masks and float32 (the same bits as the torch expression used otherwise)."""
+    if forward_mask.shape != grad_mask.shape:
+        raise ValueError(
+            f"forward mask {tuple(forward_mask.shape)} and gradient mask "
+            f"{tuple(grad_mask.shape)} differ"
+        )
+    if not density > 0.0:
+        raise ValueError(f"density must be positive, got {density}")
+    masks = (forward_mask, grad_mask)
+    compiled = dtype == torch.float32 and all(
+        m.dtype == torch.bool and m.device.type == "cpu" and m.is_contiguous() for m in masks
+    )
+    ext = _ext() if compiled else None
+    if ext is None:
+        only_b = (grad_mask & ~forward_mask).to(dtype) / density
+        return forward_mask.to(dtype) + only_b
+    return ext.topkast_coefficients(forward_mask, grad_mask, float(density))
 
 
 def _check_norm(weight: torch.Tensor, coefficient: torch.Tensor, norm: str) -> None:

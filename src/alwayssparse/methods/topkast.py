@@ -189,8 +189,10 @@ class TopKAST(Method):
         key = TensorsKey((t.forward_mask, t.grad_mask))
         cached = self._coefficient_cache.get(t.name)
         if cached is None or cached[0] != key:
-            only_b = (t.grad_mask & ~t.forward_mask).to(t.weight.dtype) / t.density
-            cached = (key, t.forward_mask.to(t.weight.dtype) + only_b)
+            coefficients = kernels.topkast_coefficients(
+                t.forward_mask, t.grad_mask, t.density, t.weight.dtype
+            )
+            cached = (key, coefficients)
             self._coefficient_cache[t.name] = cached
         return cached[1]
 

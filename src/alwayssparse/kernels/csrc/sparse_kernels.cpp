@@ -1556,6 +1556,29 @@ at::Tensor weighted_norm_grad(at::Tensor w, at::Tensor c, double scale, bool l1)
   return out;
 }
 
+// Top-KAST's regulariser coefficients: 1 on A, 1 / density on B \ A, 0 elsewhere (float32), from
+// A's and B's bool masks in one branch-free pass; the same bits as torch's
+// A.float() + (B & ~A).float() / density.
+at::Tensor topkast_coefficients(at::Tensor a, at::Tensor b, double density) {
+  for (const at::Tensor* t : {&a, &b}) {
+    TORCH_CHECK(t->dtype() == at::kBool && t->is_contiguous() && t->device().is_cpu(),
+                "masks must be contiguous bool tensors on the CPU");
+  }
+  TORCH_CHECK(a.numel() == b.numel(), "the masks differ in size");
+  TORCH_CHECK(density > 0.0, "density must be positive");
+  at::Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  const uint8_t* av = reinterpret_cast<const uint8_t*>(a.data_ptr<bool>());
+  const uint8_t* bv = reinterpret_cast<const uint8_t*>(b.data_ptr<bool>());
+  float* o = out.data_ptr<float>();
+  const float inverse = 1.0f / static_cast<float>(density);
+  at::parallel_for(0, a.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      o[i] = float(av[i]) + float(bv[i] & (av[i] ^ 1u)) * inverse;
+    }
+  });
+  return out;
+}
+
 int64_t num_threads() { return at::get_num_threads(); }
 
 }  // namespace
@@ -1584,5 +1607,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sum of c * w^2 (or c * |w| with l1) in double");
   m.def("weighted_norm_grad", &weighted_norm_grad, py::call_guard<py::gil_scoped_release>(),
         "(scale * c) * w (or (scale * c) * sign(w) with l1)");
+  m.def("topkast_coefficients", &topkast_coefficients,
+        py::call_guard<py::gil_scoped_release>(),
+        "1 on A, 1 / density on B \\ A, 0 elsewhere (float32) from two bool masks");
   m.def("num_threads", &num_threads, "at::get_num_threads() seen by the extension");
 }
