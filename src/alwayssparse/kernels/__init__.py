@@ -14,9 +14,10 @@ weight gradient (SDDMM)      ``gv[k] = (grad_y^T @ x)[row(k), col(k)]`` :func:`c
 gradient.  The extension also holds the host-side bookkeeping of mask updates, each with a
 numpy or torch path in its caller: :func:`topkast_select` (Top-KAST's incremental selection),
 :func:`topology_update` (a sparse layer's index structures after B changes) and
-:func:`any_nonzero_outside` (the masked backend's check of the optimizer state outside B), and
-the masked backend's element-wise select, :func:`masked_where`, and Top-KAST's weighted norm
-(:func:`weighted_norm`, :func:`weighted_norm_grad`).
+:func:`any_nonzero_outside` (the masked backend's check of the optimizer state outside B); and
+element-wise passes that torch's CPU kernels make several of, or branch in: the masked
+backend's select :func:`masked_where`, and Top-KAST's regulariser (:func:`weighted_norm`,
+:func:`weighted_norm_grad`, :func:`topkast_coefficients`).
 Row pointers are int64; column indices may be int32 (half the index memory) or
 int64, and a pattern's transpose keeps the dtype of its column indices.  Results do not depend
 on the backend beyond float32 rounding (~1e-6 relative).
