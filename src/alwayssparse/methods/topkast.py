@@ -303,13 +303,9 @@ class TopKAST(Method):
                 entered_a=_tensor(np.sort(entered_a), devices[i]),
                 left_a=_tensor(old_units[old_in_a & ~a_after], devices[i]),
             )
-            current = self._coefficients_current(t)
-            change = t.storage.assign_delta(
-                _tensor(units, devices[i]), torch.from_numpy(in_a).to(devices[i]), delta
+            changes[t.name] = self._assign(
+                t, _tensor(units, devices[i]), torch.from_numpy(in_a).to(devices[i]), delta
             )
-            if current:
-                self._patch_coefficients(t, change)
-            changes[t.name] = change
         return changes
 
     def _refresh_compiled(
@@ -353,13 +349,9 @@ class TopKAST(Method):
                 crossings = [c[_span(c, lo, hi)] - lo for c in crossed]
             device = devices[i]
             delta = UnitDelta(*(_tensor(c, device) for c in crossings))
-            current = self._coefficients_current(t)
-            change = t.storage.assign_delta(
-                _tensor(units, device), torch.from_numpy(in_a).to(device), delta
+            changes[t.name] = self._assign(
+                t, _tensor(units, device), torch.from_numpy(in_a).to(device), delta
             )
-            if current:
-                self._patch_coefficients(t, change)
-            changes[t.name] = change
         return changes
 
     def _keep_only_a(self, t: SparseTensor) -> TopologyChange:
@@ -372,9 +364,16 @@ class TopKAST(Method):
         cached = self._coefficient_cache.get(t.name)
         return cached is not None and cached[0] == TensorsKey((t.forward_mask, t.grad_mask))
 
-    def _assign(self, t: SparseTensor, units: Tensor, in_a: Tensor) -> TopologyChange:
+    def _assign(
+        self, t: SparseTensor, units: Tensor, in_a: Tensor, delta: UnitDelta | None = None
+    ) -> TopologyChange:
+        """Give ``t`` B's ``units`` and A's flags (through ``assign_delta`` when the units that
+        changed are known), keeping the regulariser's coefficients current."""
         current = self._coefficients_current(t)
-        change = t.storage.assign(units, in_a)
+        if delta is None:
+            change = t.storage.assign(units, in_a)
+        else:
+            change = t.storage.assign_delta(units, in_a, delta)
         if current:
             self._patch_coefficients(t, change)
         return change
