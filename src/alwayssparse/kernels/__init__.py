@@ -409,8 +409,7 @@ def masked_where(
             raise ValueError(f"{name} {tuple(t.shape)} and mask {tuple(mask.shape)} differ")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-    tensors = [t for t in (x, other, out) if t is not None]
-    ext = _ext() if all(_plain_cpu_float(t) for t in (mask, *tensors)) else None
+    ext = _ext_for(mask, *(t for t in (x, other, out) if t is not None))
     if ext is None:
         fill = other if other is not None else x.new_zeros(())
         if out is None:
@@ -427,12 +426,13 @@ def weighted_norm(weight: torch.Tensor, coefficient: torch.Tensor, norm: str) ->
     ``weight``'s dtype: one compiled pass accumulated in float64 (contiguous float32 on the CPU,
     the same value for any number of threads), else through torch."""
     _check_norm(weight, coefficient, norm)
-    if _ext() is None or not all(_plain_cpu_float(t) for t in (weight, coefficient)):
+    ext = _ext_for(weight, coefficient)
+    if ext is None:
         flat_w, flat_c = weight.reshape(-1), coefficient.reshape(-1)
         if norm == "l2":
             return torch.dot(flat_w * flat_c, flat_w)
         return torch.dot(flat_w.abs(), flat_c)
-    return weight.new_tensor(_ext().weighted_norm(weight, coefficient, norm == "l1"))
+    return weight.new_tensor(ext.weighted_norm(weight, coefficient, norm == "l1"))
 
 
 def weighted_norm_grad(
@@ -442,10 +442,11 @@ def weighted_norm_grad(
     ``scale / 2 * sum(c * w^2)`` or ``scale * sum(c * |w|)``, one compiled pass (contiguous
     float32 on the CPU; the same bits as torch's two products), else through torch."""
     _check_norm(weight, coefficient, norm)
-    if _ext() is None or not all(_plain_cpu_float(t) for t in (weight, coefficient)):
+    ext = _ext_for(weight, coefficient)
+    if ext is None:
         direction = weight if norm == "l2" else weight.sign()
         return (scale * coefficient) * direction
-    return _ext().weighted_norm_grad(weight, coefficient, float(scale), norm == "l1")
+    return ext.weighted_norm_grad(weight, coefficient, float(scale), norm == "l1")
 
 
 def topkast_coefficients(
@@ -461,11 +462,9 @@ def topkast_coefficients(
         )
     if not density > 0.0:
         raise ValueError(f"density must be positive, got {density}")
-    masks = (forward_mask, grad_mask)
-    compiled = dtype == torch.float32 and all(
-        m.dtype == torch.bool and m.device.type == "cpu" and m.is_contiguous() for m in masks
-    )
-    ext = _ext() if compiled else None
+    bool_masks = forward_mask.dtype == grad_mask.dtype == torch.bool
+    compiled = dtype == torch.float32 and bool_masks
+    ext = _ext_for(forward_mask, grad_mask) if compiled else None
     if ext is None:
         only_b = (grad_mask & ~forward_mask).to(dtype) / density
         return forward_mask.to(dtype) + only_b
@@ -481,14 +480,18 @@ def _check_norm(weight: torch.Tensor, coefficient: torch.Tensor, norm: str) -> N
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
 
 
-def _plain_cpu_float(t: torch.Tensor) -> bool:
-    """A contiguous CPU tensor of float32 (or the bool mask) that needs no autograd tracking."""
-    return (
+def _ext_for(*tensors: torch.Tensor):
+    """The extension for an element-wise pass over ``tensors``, when it is built and every one
+    is a contiguous CPU tensor of float32 (or a bool mask) that autograd need not track; else
+    ``None`` (the caller goes through torch)."""
+    plain = all(
         t.device.type == "cpu"
         and t.dtype in (torch.float32, torch.bool)
         and t.is_contiguous()
         and not (t.requires_grad and torch.is_grad_enabled())
+        for t in tensors
     )
+    return _ext() if plain else None
 
 
 def topkast_select(
