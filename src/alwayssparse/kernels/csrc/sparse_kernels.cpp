@@ -1178,6 +1178,15 @@ inline int64_t key_position(int64_t key) {
   return mask - (key & mask);
 }
 
+// A scratch buffer of at least `size` entries that only grows (kept between calls, per thread):
+// resizing a vector to a larger size zero-fills the new entries, at every call when the sizes of
+// successive calls alternate (the layers of a model).
+template <class T>
+T* grown(std::vector<T>& v, size_t size) {
+  if (v.size() < size) v.resize(size);
+  return v.data();
+}
+
 // The k-th largest key (1 <= k <= how many there are) of keys[i] for i < n with sel(i), and of
 // extra[0 .. n_extra): a histogram of the keys' top 12 bits (a score's exponent and 4 mantissa
 // bits: keys are below 2^63), then a selection among the keys of the one bucket that holds it.
@@ -1207,7 +1216,6 @@ int64_t kth_largest_where(const int64_t* keys, int64_t n, Sel&& sel, const int64
                    std::greater<int64_t>());
   return bucket[r - 1];
 }
-
 
 // Sorts a[0 .. n) ascending by bits [0, bits) (every higher bit is zero): LSD radix sort, 11
 // bits a pass, a pass skipped when all entries share its digit; std::sort below 512 entries.
@@ -1261,8 +1269,8 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   const bool* ia = in_a.data_ptr<bool>();
   int64_t* fr = frontier.data_ptr<int64_t>();
   const int64_t F = frontier_length;
-  static thread_local std::vector<int64_t> keys;  // scratch kept between calls: no page faults
-  keys.resize(n);
+  static thread_local std::vector<int64_t> key_buf;
+  int64_t* keys = grown(key_buf, n);
   bool keyed = true, ascending = true;
   for (int64_t i = 0; i < n; ++i) {  // branch-free: the checks are folded into two flags
     const float v = sc[i] + 0.0f;    // -0.0 + 0.0 is +0.0
@@ -1281,7 +1289,7 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   for (int64_t i = 0; i < n; ++i) q += keys[i] > tau;
   // B: every unit with a key >= tb (a C unit: among the frontier's best `taken`).
   int64_t tb = INT64_MAX, taken = 0;
-  const int64_t* kv = keys.data();
+  const int64_t* kv = keys;
   if (q >= count_b) {
     if (count_b > 0) {
       tb = kth_largest_where(kv, n, [&](int64_t i) { return int64_t{kv[i] > tau}; }, nullptr, 0,
@@ -1323,13 +1331,14 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   // The frontier loses the entering units (its last `taken`) and gains the leaving ones above
   // the floor: merged from the back, in place when the buffer holds the result (the leaving
   // units ranked high, so little of the frontier moves), else into a new buffer with room.
-  std::vector<uint64_t> dropped(n + 1);
+  static thread_local std::vector<uint64_t> drop_buf;
+  uint64_t* leaving = grown(drop_buf, n + 1);
   size_t nd_found = 0;
   for (int64_t i = 0; i < n; ++i) {  // branch-free compaction: leaving units are random
-    dropped[nd_found] = static_cast<uint64_t>(keys[i]);
+    leaving[nd_found] = static_cast<uint64_t>(keys[i]);
     nd_found += (keys[i] < tb) & (floor < 0 || keys[i] > floor);
   }
-  dropped.resize(nd_found);
+  std::vector<uint64_t> dropped(leaving, leaving + nd_found);
   radix_sort(dropped, 63);  // keys are below 2^63
   const int64_t remaining = F - taken, nd = static_cast<int64_t>(dropped.size());
   const int64_t length = remaining + nd;
@@ -1364,13 +1373,9 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
   // B's units that stay, with their A flags, and the units leaving B, leaving A and entering A
   // from B\A: branch-free compactions (every one is written at the next place of its list,
   // which only an entry of that list then claims; one spare place each) into scratch buffers
-  // that only grow (a resize to a larger size would zero them at every call).
+  // that only grow.
   static thread_local std::vector<int64_t> kept_buf, left_buf, left_a_buf, entered_b_buf;
   static thread_local std::vector<uint8_t> kept_flag_buf;
-  auto grown = [](auto& v, size_t size) {
-    if (v.size() < size) v.resize(size);
-    return v.data();
-  };
   int64_t* __restrict kept_units = grown(kept_buf, n + 1);
   int64_t* __restrict left = grown(left_buf, n + 1);
   int64_t* __restrict left_a = grown(left_a_buf, n + 1);
@@ -1427,17 +1432,23 @@ std::vector<at::Tensor> topkast_select(at::Tensor scores, at::Tensor positions, 
           entered_a, vec(left_a, nla), at::full({}, length, opt)};
 }
 
+// An operand of the element-wise passes below: a contiguous CPU tensor of `dtype` with `numel`
+// entries.
+void check_flat(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu() &&
+                  t.numel() == numel,
+              name, " must be a contiguous ", dtype, " tensor on the CPU with ", numel,
+              " entries");
+}
+
 // Whether values (float32) is nonzero anywhere mask (bool, same size) is false (the masked
 // backend's check that no gradient reached theta outside B). An OR over the bits without the
 // sign (so -0.0 counts as zero, NaN as nonzero) of the entries outside the mask: branch-free and
 // vectorized, on torch's pool, chunks of 64 Ki entries; a chunk that finds one stops the others
 // at their next chunk.
 bool any_nonzero_outside(at::Tensor values, at::Tensor mask) {
-  TORCH_CHECK(values.dtype() == at::kFloat && values.is_contiguous() && values.device().is_cpu(),
-              "values must be a contiguous float32 tensor on the CPU");
-  TORCH_CHECK(mask.dtype() == at::kBool && mask.is_contiguous() &&
-                  mask.numel() == values.numel(),
-              "mask must be a contiguous bool tensor of the size of values");
+  check_flat(values, at::kFloat, values.numel(), "values");
+  check_flat(mask, at::kBool, values.numel(), "mask");
   const uint32_t* v = reinterpret_cast<const uint32_t*>(values.data_ptr<float>());
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   const int64_t n = values.numel();
@@ -1459,16 +1470,11 @@ bool any_nonzero_outside(at::Tensor values, at::Tensor mask) {
 // is about 14x a copy's time on a random mask (a mispredicted branch per entry); this loop is
 // branch-free and vectorized, on torch's pool in chunks of 64 Ki entries.
 void masked_where(at::Tensor mask, at::Tensor x, c10::optional<at::Tensor> other, at::Tensor out) {
-  auto check = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dtype() == at::kFloat && t.is_contiguous() && t.device().is_cpu() &&
-                    t.numel() == mask.numel(),
-                name, " must be a contiguous float32 tensor on the CPU of the mask's size");
-  };
-  TORCH_CHECK(mask.dtype() == at::kBool && mask.is_contiguous() && mask.device().is_cpu(),
-              "mask must be a contiguous bool tensor on the CPU");
-  check(x, "x");
-  check(out, "out");
-  if (other.has_value()) check(*other, "other");
+  const int64_t n = mask.numel();
+  check_flat(mask, at::kBool, n, "mask");
+  check_flat(x, at::kFloat, n, "x");
+  check_flat(out, at::kFloat, n, "out");
+  if (other.has_value()) check_flat(*other, at::kFloat, n, "other");
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   // Selected on the bits (a mask of all ones or zeros per entry): no branch to mispredict on a
   // random mask, and exact (+0.0 outside, NaN and infinities kept), unlike x * mask.
@@ -1476,7 +1482,7 @@ void masked_where(at::Tensor mask, at::Tensor x, c10::optional<at::Tensor> other
   const uint32_t* ov =
       other.has_value() ? reinterpret_cast<const uint32_t*>(other->data_ptr<float>()) : nullptr;
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<float>());
-  at::parallel_for(0, mask.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
     if (ov == nullptr) {
       for (int64_t i = begin; i < end; ++i) dst[i] = xv[i] & (0u - uint32_t(m[i]));
     } else {
@@ -1488,19 +1494,12 @@ void masked_where(at::Tensor mask, at::Tensor x, c10::optional<at::Tensor> other
   });
 }
 
-void check_pair(const at::Tensor& w, const at::Tensor& c) {
-  for (const at::Tensor* t : {&w, &c}) {
-    TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "weight and coefficients must be contiguous float32 tensors on the CPU");
-  }
-  TORCH_CHECK(w.numel() == c.numel(), "weight and coefficients differ in size");
-}
-
 // sum_i c[i] * w[i]^2 ("l2") or sum_i c[i] * |w[i]| ("l1"): one pass, accumulated in double over
 // fixed chunks of 64 Ki entries that are then added in order, so the result does not depend on
 // the number of threads.
 double weighted_norm(at::Tensor w, at::Tensor c, bool l1) {
-  check_pair(w, c);
+  check_flat(w, at::kFloat, w.numel(), "weight");
+  check_flat(c, at::kFloat, w.numel(), "coefficients");
   const float* wv = w.data_ptr<float>();
   const float* cv = c.data_ptr<float>();
   const int64_t n = w.numel();
@@ -1537,7 +1536,8 @@ double weighted_norm(at::Tensor w, at::Tensor c, bool l1) {
 // gradient) or (scale * c[i]) * sign(w[i]) ("l1"), in float32 in that order (as torch computes
 // (scale * c) * w).
 at::Tensor weighted_norm_grad(at::Tensor w, at::Tensor c, double scale, bool l1) {
-  check_pair(w, c);
+  check_flat(w, at::kFloat, w.numel(), "weight");
+  check_flat(c, at::kFloat, w.numel(), "coefficients");
   at::Tensor out = at::empty_like(w);
   const float* wv = w.data_ptr<float>();
   const float* cv = c.data_ptr<float>();
@@ -1560,11 +1560,8 @@ at::Tensor weighted_norm_grad(at::Tensor w, at::Tensor c, double scale, bool l1)
 // A's and B's bool masks in one branch-free pass; the same bits as torch's
 // A.float() + (B & ~A).float() / density.
 at::Tensor topkast_coefficients(at::Tensor a, at::Tensor b, double density) {
-  for (const at::Tensor* t : {&a, &b}) {
-    TORCH_CHECK(t->dtype() == at::kBool && t->is_contiguous() && t->device().is_cpu(),
-                "masks must be contiguous bool tensors on the CPU");
-  }
-  TORCH_CHECK(a.numel() == b.numel(), "the masks differ in size");
+  check_flat(a, at::kBool, a.numel(), "forward mask");
+  check_flat(b, at::kBool, a.numel(), "gradient mask");
   TORCH_CHECK(density > 0.0, "density must be positive");
   at::Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
   const uint8_t* av = reinterpret_cast<const uint8_t*>(a.data_ptr<bool>());
